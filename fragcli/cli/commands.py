@@ -1,0 +1,13 @@
+"""The command registry: name -> function (one module per command)."""
+
+from fragcli.cli.extract import extract
+from fragcli.cli.generate import generate
+from fragcli.cli.profile import profile
+from fragcli.cli.report import report
+
+COMMANDS = {
+    "profile": profile,
+    "extract": extract,
+    "generate": generate,
+    "report": report,
+}

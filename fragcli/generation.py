@@ -1,0 +1,115 @@
+"""Generation settings and seeded, batched image generation with timings."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from fragcli.errors import FragError
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    prompt: str
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    negative_prompt: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_prompt(prompt: str) -> str:
+    text = " ".join((prompt or "").split())
+    if not text:
+        raise FragError("the prompt is empty", 'pass a prompt, e.g. frag profile "a red circle on a blue background"')
+    if any(ord(c) < 32 for c in prompt if c not in "\t\n\r"):
+        raise FragError("the prompt contains control characters", "pass plain text")
+    return text
+
+
+def resolve_settings(model, prompt: str, steps: int | None = None, guidance: float | None = None,
+                     width: int | None = None, height: int | None = None, negative_prompt: str = "") -> GenSettings:
+    """Fill unset options from the model's defaults (its ``frag.json``), else from the pipeline's config."""
+    d = model.defaults
+    pipe = model.pipe
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    sample = getattr(getattr(model.denoiser, "config", None), "sample_size", 64)
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    steps = steps if steps is not None else int(d.get("default_steps", 30))
+    guidance = guidance if guidance is not None else float(d.get("default_guidance", 7.5))
+    width = width or int(d.get("width", sample * scale))
+    height = height or int(d.get("height", sample * scale))
+    if steps < 1:
+        raise FragError(f"--steps must be at least 1 (got {steps})", "pass --steps 1 or more")
+    for label, v in (("--width", width), ("--height", height)):
+        if v < 8 or v % 8:
+            raise FragError(f"{label} {v} is not a positive multiple of 8", f"pass a multiple of 8 such as {max(8, v // 8 * 8)}")
+    if guidance < 0:
+        raise FragError(f"--guidance {guidance} is negative", "pass 0 (no guidance) or more")
+    return GenSettings(check_prompt(prompt), steps, float(guidance), width, height, negative_prompt or "")
+
+
+def generator_for(seed: int, device: str):
+    import torch
+
+    gen_device = "cpu" if device == "mps" else device
+    return torch.Generator(gen_device).manual_seed(int(seed))
+
+
+def run_batch(pipe, s: GenSettings, seeds: list[int], device: str, prompt: str | None = None,
+              on_step: Callable[[], None] | None = None):
+    """One pipeline call for ``seeds`` (one generator per image, so an image does not depend on its batch)."""
+    import torch
+
+    kwargs = {}
+    if on_step is not None:
+        def _cb(_pipe, _i, _t, cb_kwargs):
+            on_step()
+            return cb_kwargs
+
+        kwargs["callback_on_step_end"] = _cb
+    n = len(seeds)
+    with torch.inference_mode():
+        out = pipe(
+            prompt=[prompt or s.prompt] * n,
+            negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance,
+            width=s.width,
+            height=s.height,
+            generator=[generator_for(seed, device) for seed in seeds],
+            output_type="pil",
+            **kwargs,
+        )
+    return out.images
+
+
+@dataclass
+class GenResult:
+    images: dict  # seed -> PIL image
+    seconds: dict  # seed -> seconds (a batch's time split evenly over its images)
+    total_s: float
+
+    @property
+    def images_per_min(self) -> float:
+        return 60.0 * len(self.images) / self.total_s if self.total_s > 0 else float("nan")
+
+
+def generate(pipe, s: GenSettings, seeds: list[int], device: str, batch_size: int = 1, prompt: str | None = None,
+             advance: Callable[[int], None] | None = None) -> GenResult:
+    """Generate one image per seed in batches; ``advance(n)`` is called after every denoising step of a batch."""
+    images, seconds = {}, {}
+    start = time.perf_counter()
+    for i in range(0, len(seeds), batch_size):
+        batch = seeds[i : i + batch_size]
+        t0 = time.perf_counter()
+        step = (lambda n=len(batch): advance(n)) if advance else None
+        for seed, img in zip(batch, run_batch(pipe, s, batch, device, prompt, step), strict=True):
+            images[seed] = img
+        dt = time.perf_counter() - t0
+        seconds.update({seed: dt / len(batch) for seed in batch})
+    return GenResult(images, seconds, time.perf_counter() - start)

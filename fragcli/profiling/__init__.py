@@ -1,0 +1,1 @@
+"""Per-head and per-block profiling of a diffusers denoiser."""

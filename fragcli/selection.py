@@ -1,0 +1,156 @@
+"""Plan, then apply: score heads from a profile and choose which to remove (`selection.json`).
+
+Scores (higher = more important), aggregated over seeds and profiled steps:
+- ``energy``:    E = mean ``energy_post`` (the RMS of the head's contribution after ``to_out``).
+- ``entropy``:   1 - mean normalised attention entropy (focused heads rank higher; NaN entropies count as 0.5).
+- ``composite``: E/m + 0.5 * S/m + 0.5 * (1 - H), where m is the median E over all heads, S the standard deviation
+  of ``energy_post`` across seeds and steps (a head whose contribution varies carries prompt-specific signal)
+  and H the mean normalised entropy.
+Rank stability: for every seed the heads of a module are ranked by that seed's score; the standard deviation of a
+head's rank across seeds, divided by (heads - 1), is its instability. Heads above ``stability_threshold`` are
+protected (kept), as are heads the safety margin keeps: the effective retention is min(1, retention + margin).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fragcli.errors import FragError
+
+SCORES = ("energy", "entropy", "composite")
+
+
+@dataclass(frozen=True)
+class SelectionParams:
+    head_retention: float = 0.7
+    score: str = "composite"
+    per_module: bool = False
+    safety_margin: float = 0.0
+    stability_threshold: float = 0.25
+
+    def check(self) -> None:
+        if not 0 < self.head_retention <= 1:
+            raise FragError(f"--head-retention {self.head_retention} is not in (0, 1]", "pass e.g. 0.7 (keep 70% of heads)")
+        if self.score not in SCORES:
+            raise FragError(f"unknown --score {self.score!r}", f"use one of: {', '.join(SCORES)}")
+        if not 0 <= self.safety_margin < 1:
+            raise FragError(f"--safety-margin {self.safety_margin} is not in [0, 1)", "pass e.g. 0.05")
+
+
+def read_profile(profile_dir: Path):
+    """Read ``profile.parquet`` (columns checked); a missing or malformed file is a FragError."""
+    import pyarrow.parquet as pq
+
+    from fragcli.profiling.recorder import HEAD_COLUMNS
+
+    path = Path(profile_dir) / "profile.parquet"
+    if not path.is_file():
+        raise FragError(f"no profile.parquet in {profile_dir}", "pass the folder that frag profile wrote")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for damaged files
+        raise FragError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0][:120]})",
+                        "re-run frag profile") from None
+    missing = [c for c in HEAD_COLUMNS if c not in table.column_names]
+    if missing:
+        raise FragError(f"{path} lacks columns {missing}", "re-run frag profile with this version of frag")
+    if table.num_rows == 0:
+        raise FragError(f"{path} has no rows", "re-run frag profile")
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in HEAD_COLUMNS}
+
+
+def score_heads(cols: dict, method: str) -> dict:
+    """Per module: heads, score per head, per-seed scores (for rank stability)."""
+    modules = list(dict.fromkeys(cols["module"].tolist()))
+    e = cols["energy_post"].astype(float)
+    ent = np.nan_to_num(cols["entropy"].astype(float), nan=0.5)
+    median_e = float(np.median(e)) or 1.0
+    seeds = sorted(set(cols["seed"].tolist()))
+    out = {}
+    for mod in modules:
+        sel = cols["module"] == mod
+        heads = int(cols["heads"][sel][0])
+        h_idx, s_idx = cols["head"][sel], cols["seed"][sel]
+        def agg(mask):
+            em = np.array([e[sel][mask & (h_idx == h)].mean() for h in range(heads)])
+            es = np.array([e[sel][mask & (h_idx == h)].std() for h in range(heads)])
+            hm = np.array([ent[sel][mask & (h_idx == h)].mean() for h in range(heads)])
+            if method == "energy":
+                return em
+            if method == "entropy":
+                return 1 - hm
+            return em / median_e + 0.5 * es / median_e + 0.5 * (1 - hm)
+        all_rows = np.ones(sel.sum(), dtype=bool)
+        per_seed = [agg(s_idx == s) for s in seeds]
+        out[mod] = {"heads": heads, "score": agg(all_rows), "per_seed": np.stack(per_seed)}
+    return out
+
+
+def instability(per_seed: np.ndarray) -> np.ndarray:
+    """Std of each head's within-module rank across seeds, divided by (heads - 1); 0 with one seed."""
+    heads = per_seed.shape[1]
+    if per_seed.shape[0] < 2 or heads < 2:
+        return np.zeros(heads)
+    ranks = per_seed.argsort(axis=1).argsort(axis=1)
+    return ranks.std(axis=0) / (heads - 1)
+
+
+def plan(scores: dict, p: SelectionParams) -> dict:
+    """Choose the heads to remove; every module keeps at least one head."""
+    p.check()
+    keep_frac = min(1.0, p.head_retention + p.safety_margin)
+    protected = {m: [int(h) for h in np.flatnonzero(instability(v["per_seed"]) > p.stability_threshold)]
+                 for m, v in scores.items()}
+    removed: dict[str, list[int]] = {m: [] for m in scores}
+    if p.per_module:
+        for m, v in scores.items():
+            n_remove = min(int(math.floor(v["heads"] * (1 - keep_frac) + 1e-9)), v["heads"] - 1)
+            order = [int(h) for h in np.argsort(v["score"], kind="stable") if int(h) not in protected[m]]
+            removed[m] = sorted(order[:n_remove])
+    else:
+        total = sum(v["heads"] for v in scores.values())
+        n_remove = int(math.floor(total * (1 - keep_frac) + 1e-9))
+        cands = sorted((float(v["score"][h]), m, h) for m, v in scores.items() for h in range(v["heads"])
+                       if h not in protected[m])
+        left = {m: v["heads"] for m, v in scores.items()}
+        for _, m, h in cands:
+            if n_remove <= 0:
+                break
+            if left[m] > 1:
+                removed[m].append(h)
+                left[m] -= 1
+                n_remove -= 1
+        removed = {m: sorted(r) for m, r in removed.items()}
+    total = sum(v["heads"] for v in scores.values())
+    n_removed = sum(len(r) for r in removed.values())
+    selection = {
+        "_type": "frag.selection",
+        "schema_version": 1,
+        "params": asdict(p),
+        "removed": {m: r for m, r in removed.items()},
+        "kept": {m: scores[m]["heads"] - len(r) for m, r in removed.items()},
+        "scores": {m: [round(float(x), 8) for x in v["score"]] for m, v in scores.items()},
+        "protected": protected,
+        "heads_total": total,
+        "heads_removed": n_removed,
+        "achieved_retention": 1 - n_removed / total if total else 1.0,
+    }
+    check_selection(selection, scores)
+    return selection
+
+
+def check_selection(selection: dict, scores: dict | None = None) -> None:
+    """No module left with zero heads; indices valid; retention never below what was asked."""
+    for m, r in selection["removed"].items():
+        heads = scores[m]["heads"] if scores else selection["kept"][m] + len(r)
+        if len(set(r)) != len(r) or any(not 0 <= h < heads for h in r):
+            raise FragError(f"selection for {m} has invalid head indices {r}", "re-run frag extract")
+        if heads - len(r) < 1:
+            raise FragError(f"selection leaves {m} with zero heads", "keep at least one head per module")
+    asked = selection["params"]["head_retention"]
+    if selection["achieved_retention"] + 1e-9 < asked:
+        raise FragError("selection removes more heads than asked", "re-run frag extract")
