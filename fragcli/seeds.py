@@ -15,7 +15,7 @@ def parse_seeds(spec: str | int) -> list[int]:
     if text.isdigit() and "," not in text:
         n = int(text)
         if n < 1:
-            raise FragError("--seeds must be at least 1", fix)
+            raise FragError("--seeds 0 asks for no seeds", "pass a count of 1 or more, or 0-0 for seed 0 alone")
         return list(range(n))
     seeds: list[int] = []
     for part in text.split(","):

@@ -1,4 +1,7 @@
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -6,21 +9,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FRAG_THREADS", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+# One session-wide place for generated built-in models (tiny is built once), and a default FRAG_HOME so that
+# nothing a test does can land in the working directory, even from session-scoped fixtures.
+_SESSION = Path(tempfile.mkdtemp(prefix="frag-tests-"))
+os.environ["FRAG_MODEL_CACHE"] = str(_SESSION / "models")
+os.environ["FRAG_HOME"] = str(_SESSION / "home")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
 def frag_home(tmp_path_factory, monkeypatch):
-    """Every test gets its own FRAG_HOME; built-in models are shared through one session-wide cache."""
+    """Every test gets its own FRAG_HOME."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("FRAG_HOME", str(home))
-    monkeypatch.setenv("FRAG_MODEL_CACHE", str(_shared_cache(tmp_path_factory)))
     return home
 
 
-_CACHE = {}
-
-
-def _shared_cache(factory):
-    if "dir" not in _CACHE:
-        _CACHE["dir"] = factory.mktemp("model-cache")
-    return _CACHE["dir"]
+@pytest.fixture(scope="session")
+def session_dir():
+    return _SESSION

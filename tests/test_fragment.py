@@ -1,0 +1,190 @@
+"""Fragments: extract -> load round trip, refusals with reasons, generate's fallback, and the CLI chain."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fragcli.errors import FragError
+from fragcli.fragment import load_fragment, verify_fragment
+from fragcli.models import load_model
+from fragcli.techniques.head_prune import heads_per_module
+from tests.helpers import assert_one_line_error, run_cli, unet_inputs
+
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """profile -> extract through the CLI, once for this module."""
+    root = tmp_path_factory.mktemp("chain")
+    prof, frag = root / "profile", root / "fragment"
+    r = run_cli("profile", PROMPT, "-m", "tiny", "--seeds", "0,1", "--steps", "3", "--out", prof)
+    assert r.exit_code == 0, r.output
+    r = run_cli("extract", prof, "--head-retention", "0.7", "--out", frag, "--json")
+    assert r.exit_code == 0, r.output
+    return prof, frag, json.loads(r.stdout)
+
+
+@pytest.fixture
+def fragment(built, tmp_path):
+    """A private copy of the fragment that a test may damage."""
+    dst = tmp_path / "frag"
+    shutil.copytree(built[1], dst)
+    return dst
+
+
+def test_extract_writes_selection_manifest_and_delta(built):
+    _, frag, summary = built
+    manifest = json.loads((frag / "manifest.json").read_text())
+    selection = json.loads((frag / "selection.json").read_text())
+    assert manifest["_type"] == "frag.fragment" and manifest["schema_version"] == 1
+    assert list(manifest) == sorted(manifest)  # sorted keys
+    assert manifest["pruning"]["heads_removed"] == {m: r for m, r in selection["removed"].items() if r}
+    assert 0.7 <= manifest["pruning"]["achieved_retention"] < 0.75
+    assert manifest["params"]["after"] < manifest["params"]["before"]
+    assert manifest["weight_bytes"]["after"] < manifest["weight_bytes"]["before"]
+    assert set(manifest["artifacts"]) == {"fragment.safetensors", "selection.json"}
+    assert manifest["compression"] == {} and manifest["quality"] == {}
+    delta = load_file(frag / "fragment.safetensors")
+    assert delta and all(k.startswith("unet.") and "attn" in k for k in delta)
+    assert all(v.dtype == torch.float32 for v in delta.values())
+    assert summary["heads_kept"] == manifest["pruning"]["heads_kept"]
+
+
+def test_round_trip_reproduces_the_pruned_model(built):
+    prof, frag, _ = built
+    from fragcli.selection import plan, read_profile, score_heads, SelectionParams
+    from fragcli.techniques import HeadPruneConfig, apply_technique
+
+    direct = load_model("tiny")
+    sel = plan(score_heads(read_profile(prof), "composite"), SelectionParams(head_retention=0.7))
+    apply_technique(direct.denoiser, HeadPruneConfig({m: r for m, r in sel["removed"].items() if r}))
+    loaded = load_model("tiny")
+    load_fragment(loaded, frag)
+    assert heads_per_module(loaded.denoiser) == heads_per_module(direct.denoiser)
+    a, b = direct.denoiser.state_dict(), loaded.denoiser.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        x = unet_inputs(loaded.denoiser)
+        assert torch.equal(loaded.denoiser(*x).sample, direct.denoiser(*x).sample)
+    with pytest.raises(FragError, match="already has a fragment"):
+        load_fragment(loaded, frag)
+
+
+def test_retention_one_is_a_no_op_fragment(built, tmp_path):
+    prof = built[0]
+    r = run_cli("extract", prof, "--head-retention", "1.0", "--out", tmp_path / "noop", "--json")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "noop" / "manifest.json").read_text())
+    assert m["pruning"]["heads_removed"] == {} and m["params"]["removed"] == 0
+    loaded = load_model("tiny")
+    ref = load_model("tiny")
+    load_fragment(loaded, tmp_path / "noop")
+    assert all(torch.equal(v, ref.denoiser.state_dict()[k]) for k, v in loaded.denoiser.state_dict().items())
+
+
+def _flip_byte(path, offset=-5):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(folder, fn):
+    m = json.loads((folder / "manifest.json").read_text())
+    fn(m)
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda f: _flip_byte(f / "fragment.safetensors"), "does not match its hash"),
+        (lambda f: _edit_manifest(f, lambda m: m["artifacts"].update({"../escape.bin": m["artifacts"]["selection.json"]})),
+         "escapes"),
+        (lambda f: _edit_manifest(f, lambda m: m["artifacts"].update({"/etc/passwd": m["artifacts"]["selection.json"]})),
+         "not a relative path"),
+        (lambda f: (f / "manifest.json").write_text((f / "manifest.json").read_text()[:200]), "malformed"),
+        (lambda f: _edit_manifest(f, lambda m: m["base_model"].update({"hash": "0" * 64})), "not this one"),
+        (lambda f: _edit_manifest(f, lambda m: m.update({"schema_version": 99})), "schema_version"),
+        (lambda f: _edit_manifest(f, lambda m: m.pop("pruning")), "pruning"),
+        (lambda f: (f / "fragment.safetensors").unlink(), "missing"),
+    ],
+)
+def test_damaged_fragments_are_refused_with_the_reason(fragment, damage, needle):
+    damage(fragment)
+    model = load_model("tiny")
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    with pytest.raises(FragError, match=needle) as exc:
+        load_fragment(model, fragment)
+    assert "\n" not in exc.value.one_line()
+    after = model.denoiser.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # untouched
+
+
+def test_wrong_base_model_is_refused(fragment, tmp_path):
+    other = tmp_path / "other-model"
+    shutil.copytree(load_model("tiny").folder, other)
+    w = other / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(w)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1.0
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(w))
+    with pytest.raises(FragError, match="not this one"):
+        verify_fragment(fragment, load_model(str(other)).hash)
+
+
+def test_generate_falls_back_or_exits_2_under_strict(fragment, tmp_path):
+    _flip_byte(fragment / "fragment.safetensors")
+    r = run_cli("generate", PROMPT, "-m", "tiny", "--fragment", fragment, "--seeds", "1", "--steps", "2",
+                "--out", tmp_path / "g", "--json")
+    assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "g" / "run.json").read_text())
+    assert run["fragment"] is None and "does not match its hash" in run["fallback_reason"]
+    assert "warning" in r.stderr
+    r = run_cli("generate", PROMPT, "-m", "tiny", "--fragment", fragment, "--seeds", "1", "--steps", "2", "--strict",
+                "--out", tmp_path / "g2")
+    assert_one_line_error(r, "does not match its hash")
+    assert not (tmp_path / "g2").exists()
+
+
+def test_cli_chain_generate_with_fragment_is_deterministic(built, tmp_path, frag_home):
+    _, frag, _ = built
+    shutil.copytree(frag, frag_home / "fragments" / "found")
+    outs = []
+    for i, fragment in enumerate((str(frag), "auto")):
+        out = tmp_path / f"g{i}"
+        r = run_cli("generate", PROMPT, "-m", "tiny", "--fragment", fragment, "--seeds", "0-2", "--steps", "3",
+                    "--batch-size", "2", "--out", out)
+        assert r.exit_code == 0, r.output
+        run = json.loads((out / "run.json").read_text())
+        assert run["fragment"] is not None and run["fallback_reason"] is None
+        assert run["seeds"] == [0, 1, 2] and run["images_per_min"] > 0
+        outs.append(out)
+    for seed in (0, 1, 2):
+        a = np.asarray(Image.open(outs[0] / f"seed-{seed}.png"))
+        b = np.asarray(Image.open(outs[1] / f"seed-{seed}.png"))
+        assert np.array_equal(a, b)
+    r = run_cli("generate", "a green star", "-m", "tiny", "--fragment", "auto", "--seeds", "1", "--steps", "1",
+                "--out", tmp_path / "nomatch")
+    assert r.exit_code == 0
+    assert json.loads((tmp_path / "nomatch" / "run.json").read_text())["fragment"] is None
+
+
+def test_extract_refuses_bad_profiles(tmp_path, built):
+    assert_one_line_error(run_cli("extract", tmp_path / "nope"), "does not exist")
+    bad = tmp_path / "bad"
+    shutil.copytree(built[0], bad)
+    (bad / "profile.parquet").write_bytes(b"not parquet at all")
+    assert_one_line_error(run_cli("extract", bad, "--out", tmp_path / "f"), "not a readable parquet")
+    (bad / "context.json").write_text("{broken")
+    assert_one_line_error(run_cli("extract", bad, "--out", tmp_path / "f"), "malformed")
+    assert_one_line_error(run_cli("extract", built[0], "--head-retention", "0", "--out", tmp_path / "f"),
+                          "head-retention")
+    assert not (tmp_path / "f").exists()
