@@ -43,7 +43,7 @@ def build_fragment(model, context: dict, selection: dict, out: Path, name: str, 
                 prompt=context["prompt"], negative_prompt=context.get("negative_prompt", ""),
                 text_embedding_hash=context.get("text_embedding_hash"), seeds=context["seeds"], steps=context["steps"],
                 profiled_steps=context["profiled_steps"], guidance=context["guidance"], width=context["width"],
-                height=context["height"],
+                height=context["height"], profile_dir=context.get("profile_dir"),
             ),
             pruning=Pruning(
                 score=p["score"], heads_removed=removed, heads_total=selection["heads_total"],

@@ -36,6 +36,7 @@ class Generation(_Strict):
     guidance: float
     width: int
     height: int
+    profile_dir: str | None = None  # where the profile was (its images are the full model's baseline)
 
 
 class Pruning(_Strict):

@@ -4,10 +4,12 @@ from fragcli.cli.extract import extract
 from fragcli.cli.generate import generate
 from fragcli.cli.profile import profile
 from fragcli.cli.report import report
+from fragcli.cli.validate import validate
 
 COMMANDS = {
     "profile": profile,
     "extract": extract,
     "generate": generate,
+    "validate": validate,
     "report": report,
 }

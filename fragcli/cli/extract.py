@@ -73,6 +73,7 @@ def extract(
     params = SelectionParams(head_retention, score, per_module, safety_margin, stability_threshold)
     params.check()
     ctx = _load_context(Path(profile_dir))
+    ctx["profile_dir"] = str(Path(profile_dir).resolve())
     cols = read_profile(Path(profile_dir))
     frag_name = name or safe_name(f"{ctx['model']['name']}-{ctx['prompt'][:40]}-h{round(head_retention * 100)}")
     target = check_out_dir(Path(out) if out else fragments_dir() / frag_name, overwrite)

@@ -1,0 +1,78 @@
+"""`frag validate FRAGMENT_DIR`: quality of a fragment against its full model, gated by thresholds.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fragcli.cli import options as o
+
+
+def validate(
+    fragment_dir: Annotated[Path, typer.Argument(help="A fragment folder written by frag extract.")],
+    seeds: o.Seeds = "20",
+    paraphrases: Annotated[
+        Optional[Path], typer.Option("--paraphrases", help="One prompt per line (default for shapes: the prompt's family).")
+    ] = None,
+    paraphrase_seeds: Annotated[int, typer.Option("--paraphrase-seeds", min=1, help="Seeds per paraphrase.")] = 2,
+    simulate: Annotated[bool, typer.Option("--simulate", help="Validate the masked (logical) model instead.")] = False,
+    clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="open_clip model name (real models).")] = None,
+    clip_weights: Annotated[Optional[Path], typer.Option("--clip-weights", help="Local CLIP weights file.")] = None,
+    lpips_weights: Annotated[Optional[Path], typer.Option("--lpips-weights", help="Local AlexNet weights for LPIPS.")] = None,
+    thresholds: Annotated[Optional[Path], typer.Option("--thresholds", help="Gates file (default: built-in defaults).")] = None,
+    profile: Annotated[Optional[Path], typer.Option("--profile", help="Reuse this profile's full-model images.")] = None,
+    model: o.Model = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = "auto",
+    out: o.Out = None,
+    overwrite: o.Overwrite = False,
+    json_out: o.Json = False,
+):
+    """Measure a fragment against its full model on the same seeds: CLIP score delta, LPIPS, SSIM, perceptual
+    hash; pass/fail per image against thresholds.yaml; the paraphrase pass rate (reuse). Writes validation.json and
+    grid.png, and the quality/reuse blocks of the fragment's manifest. Exit 0 whether or not the gates pass (the
+    gate is frag report's job); 2 for bad input.
+
+    Example: frag validate fragments/demo --seeds 8 --thresholds thresholds.yaml
+    """
+    from fragcli.console import err, print_json
+    from fragcli.manifest import read_manifest
+    from fragcli.paraphrases import default_paraphrases, read_paraphrases
+    from fragcli.paths import check_out_dir, reports_dir, safe_name, timestamp
+    from fragcli.seeds import parse_seeds
+    from fragcli.validation import ValidateOptions, validate_fragment, write_validation
+
+    seed_list = parse_seeds(seeds)
+    para = read_paraphrases(paraphrases) if paraphrases else None
+    manifest = read_manifest(fragment_dir)
+    reason = None
+    if para is None:
+        para, reason = default_paraphrases(manifest.base_model.name, manifest.generation.prompt)
+    target = Path(out) if out else reports_dir() / safe_name(manifest.base_model.name) / timestamp() / "validate"
+    target = check_out_dir(target, overwrite)
+    opts = ValidateOptions(seed_list, para, paraphrase_seeds, simulate, model, device, dtype, clip_model, clip_weights,
+                           lpips_weights, thresholds, profile, show_progress=not json_out)
+    result = validate_fragment(fragment_dir, opts)
+    rec = result["record"]
+    if reason:
+        rec["unavailable"]["paraphrases"] = reason
+    write_validation(result, target, Path(fragment_dir))
+    a = rec["aggregate"]
+    summary = {"out": str(target), "passed": rec["passed"], "aggregate": a, "unavailable": rec["unavailable"],
+               "reuse_pass_rate": rec["paraphrases"]["pass_rate"] if rec["paraphrases"] else None}
+    if json_out:
+        print_json(summary)
+        return
+
+    def fmt(v, spec=".3f"):
+        return "n/a" if v is None else format(v, spec)
+
+    err.print(f"{rec['mode']} fragment on {len(seed_list)} seeds: CLIP delta {fmt(a['clip_delta_rel'], '+.2%')}, "
+              f"LPIPS {fmt(a['lpips_mean'])}, SSIM {fmt(a['ssim_mean'])}, pHash {fmt(a['phash_mean'], '.1f')}, "
+              f"images passing {fmt(a['pass_rate'], '.0%')}; reuse pass rate "
+              f"{fmt(summary['reuse_pass_rate'], '.0%')} -> [bold]{'PASS' if rec['passed'] else 'FAIL'}[/]")
+    for metric, why in rec["unavailable"].items():
+        err.print(f"[yellow]{metric} unavailable:[/] {why}")
+    typer.echo(f"validation written to {target}")

@@ -1,0 +1,227 @@
+"""Score the research hypotheses H1..H5 from a run's files (already-parsed JSON dicts).
+
+Each hypothesis yields ``{id, statement, value, threshold, direction, status, evidence, note}`` with status
+``PASS`` | ``WARN`` (the measurement passes but the sample is smaller than the hypothesis asks for) | ``FAIL`` |
+``UNAVAILABLE`` (an input is missing; nothing is ever guessed). Thresholds come from ``thresholds.yaml``; the
+sample sizes (20 seeds, 32 variants) and H2's quality bound (5%) are part of the hypotheses' statements.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from fragcli.thresholds import Thresholds
+
+PASS, WARN, FAIL, UNAVAILABLE = "PASS", "WARN", "FAIL", "UNAVAILABLE"
+STATUSES = (PASS, WARN, FAIL, UNAVAILABLE)
+
+H2_QUALITY_LOSS_MAX = 0.05  # "<5% quality loss": relative CLIP-score drop
+H2_SEEDS = 20  # "... over 20 seeds"
+H3_MIN_PROMPTS = 5  # fewer paraphrases than this give too coarse a pass rate: WARN
+H4_VARIANTS = 32  # "... for 32 variants"
+
+
+class Source(NamedTuple):
+    """A parsed JSON file and where it came from (shown as evidence)."""
+
+    path: str
+    data: dict[str, Any]
+
+
+def _num(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _get(data: dict[str, Any] | None, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.0f}%"
+
+
+def _result(hid: str, statement: str, value: float | None, threshold: float, direction: str, status: str,
+            evidence: str, note: str = "") -> dict[str, Any]:
+    return {"id": hid, "statement": statement, "value": value, "threshold": threshold, "direction": direction,
+            "status": status, "evidence": evidence, "note": note}
+
+
+def _seeds(validation: dict[str, Any]) -> int:
+    seeds = validation.get("seeds")
+    if isinstance(seeds, list):
+        return len(seeds)
+    per = validation.get("per_image")
+    return len(per) if isinstance(per, list) else 0
+
+
+def h1_head_prunable(points: Sequence[Source], th: Thresholds) -> dict[str, Any]:
+    """H1: the largest heads_removed_fraction whose aggregate clip_delta_rel >= -clip_delta_max."""
+    gate, tol = th.head_prunable_min, th.clip_delta_max.value
+    statement = (f"at least {_pct(gate.value)} of attention heads can be removed with at most "
+                 f"{_pct(tol)} CLIP-score drop")
+
+    def done(value, status, evidence, note=""):
+        return _result("H1", statement, value, gate.value, gate.direction, status, evidence, note)
+
+    if not points:
+        return done(None, UNAVAILABLE, "no validation.json found", "run frag validate (or a sweep of fractions)")
+    measured = [(p, _num(p.data.get("heads_removed_fraction")), _num(_get(p.data, "aggregate", "clip_delta_rel")))
+                for p in points]
+    usable = [(p, f, d) for p, f, d in measured if f is not None and d is not None]
+    if not usable:
+        reason = _get(points[0].data, "unavailable", "clip") or "no clip_delta_rel or heads_removed_fraction"
+        return done(None, UNAVAILABLE, f"{len(points)} validation file(s), none with a CLIP delta",
+                    f"CLIP unavailable: {reason}")
+    passing = [(p, f, d) for p, f, d in usable if d >= -tol]
+    tested_max = max(f for _, f, _ in usable)
+    if passing:
+        best = max(passing, key=lambda x: x[1])
+        value, evidence = best[1], f"{best[0].path}: heads_removed_fraction {best[1]:.3f}, clip_delta_rel {best[2]:+.4f}"
+    else:
+        value, evidence = 0.0, f"no tested fraction kept the CLIP drop within {_pct(tol)}"
+    evidence += f" ({len(usable)} point(s) tested, up to {tested_max:.3f})"
+    if gate.passes(value):
+        return done(value, PASS, evidence)
+    if len(passing) == len(usable) and tested_max < gate.value:
+        return done(value, WARN, evidence, f"every tested fraction passed but none reached {gate.value:g}: "
+                    "sweep larger fractions")
+    return done(value, FAIL, evidence)
+
+
+def _reduction(primary: Source | None, bench: Source | None, manifest: Source | None) -> tuple[float | None, str]:
+    """The best memory reduction on record and where it came from."""
+    found: list[tuple[float, str]] = []
+    if bench is not None:
+        for key in ("weight_reduction", "peak_memory_reduction"):
+            v = _num(bench.data.get(key))
+            if v is not None:
+                found.append((v, f"{bench.path}: {key} {v:.3f}"))
+    if not found:
+        for src in (primary, manifest):
+            before = _num(_get(src.data if src else None, "weight_bytes", "before"))
+            after = _num(_get(src.data if src else None, "weight_bytes", "after"))
+            if before and after is not None:
+                found.append((1 - after / before, f"{src.path}: weight_bytes {after:.0f}/{before:.0f}"))
+                break
+    if not found:
+        return None, "no bench.json or weight_bytes found"
+    return max(found, key=lambda x: x[0])
+
+
+def h2_memory(primary: Source | None, bench: Source | None, manifest: Source | None, th: Thresholds) -> dict[str, Any]:
+    """H2: weight or peak-memory reduction >= vram_reduction_min with < 5% CLIP drop over >= 20 seeds."""
+    gate = th.vram_reduction_min
+    statement = (f"a fragment needs at least {_pct(gate.value)} less weight or peak memory with less than "
+                 f"{_pct(H2_QUALITY_LOSS_MAX)} quality loss over {H2_SEEDS} seeds")
+    value, evidence = _reduction(primary, bench, manifest)
+
+    def done(status, note=""):
+        return _result("H2", statement, value, gate.value, gate.direction, status, evidence, note)
+
+    if value is None:
+        return done(UNAVAILABLE, "run tools/bench.py (or frag validate) to measure memory")
+    if not gate.passes(value):
+        return done(FAIL, f"reduction {value:.3f} < {gate.value:g}")
+    delta = _num(_get(primary.data if primary else None, "aggregate", "clip_delta_rel"))
+    if delta is None:
+        why = _get(primary.data, "unavailable", "clip") if primary else "no validation.json found"
+        return done(UNAVAILABLE, f"memory passes but quality is unmeasured ({why or 'no clip_delta_rel'})")
+    evidence += f"; {primary.path}: clip_delta_rel {delta:+.4f}"
+    if -delta >= H2_QUALITY_LOSS_MAX:
+        return done(FAIL, f"quality loss {-delta:.3f} >= {H2_QUALITY_LOSS_MAX:g}")
+    seeds = _seeds(primary.data)
+    if seeds < H2_SEEDS:
+        return done(WARN, f"only {seeds} seed(s) validated; the hypothesis asks for {H2_SEEDS}")
+    return done(PASS, f"{seeds} seeds validated")
+
+
+def h3_reuse(primary: Source | None, manifest: Source | None, th: Thresholds) -> dict[str, Any]:
+    """H3: pass rate on paraphrased prompts (validation.json ``paraphrases``) >= reuse_pass_rate_min."""
+    gate = th.reuse_pass_rate_min
+    statement = f"a fragment passes on paraphrased prompts at a rate of at least {_pct(gate.value)}"
+    value, prompts, evidence = None, None, "no paraphrases in validation.json"
+    para = _get(primary.data if primary else None, "paraphrases")
+    if isinstance(para, dict) and _num(para.get("pass_rate")) is not None:
+        value = _num(para["pass_rate"])
+        prompts = len(para.get("prompts") or para.get("per_prompt") or [])
+        evidence = f"{primary.path}: paraphrases.pass_rate {value:.3f} over {prompts} prompt(s)"
+    elif manifest is not None and _num(_get(manifest.data, "reuse", "pass_rate")) is not None:
+        value = _num(manifest.data["reuse"]["pass_rate"])
+        prompts = len(_get(manifest.data, "reuse", "prompts") or [])
+        evidence = f"{manifest.path}: reuse.pass_rate {value:.3f}"
+
+    def done(status, note=""):
+        return _result("H3", statement, value, gate.value, gate.direction, status, evidence, note)
+
+    if value is None:
+        return done(UNAVAILABLE, "run frag validate with paraphrased prompts")
+    if not gate.passes(value):
+        return done(FAIL)
+    if prompts is not None and prompts < H3_MIN_PROMPTS:
+        return done(WARN, f"only {prompts} paraphrase(s); use at least {H3_MIN_PROMPTS} for a meaningful rate")
+    return done(PASS)
+
+
+def h4_throughput(bench: Source | None, th: Thresholds) -> dict[str, Any]:
+    """H4: bench.json speedup >= batch_speedup_min with >= 32 variants."""
+    gate = th.batch_speedup_min
+    statement = f"a fragment gives at least {gate.value:g}x throughput when generating {H4_VARIANTS} prompt variants"
+    value = _num(bench.data.get("speedup")) if bench else None
+    variants = int(_num(bench.data.get("variants")) or 0) if bench else 0
+    evidence = f"{bench.path}: speedup {value:.3f} over {variants} variant(s)" if value is not None else (
+        "no bench.json found" if bench is None else f"{bench.path}: no speedup")
+
+    def done(status, note=""):
+        return _result("H4", statement, value, gate.value, gate.direction, status, evidence, note)
+
+    if value is None:
+        return done(UNAVAILABLE, "run tools/bench.py")
+    if not gate.passes(value):
+        return done(FAIL)
+    if variants < H4_VARIANTS:
+        return done(WARN, f"only {variants} variant(s) benchmarked; the hypothesis asks for {H4_VARIANTS}")
+    return done(PASS)
+
+
+def h5_break_even(bench: Source | None, th: Thresholds) -> dict[str, Any]:
+    """H5: bench.json break_even_images <= break_even_max_variants (null = the fragment is not faster)."""
+    gate = th.break_even_max_variants
+    statement = f"profiling + extraction pay for themselves within {gate.value:g} images"
+    value = _num(bench.data.get("break_even_images")) if bench else None
+    speedup = _num(bench.data.get("speedup")) if bench else None
+    evidence = "no bench.json found" if bench is None else f"{bench.path}: break_even_images {value}"
+
+    def done(status, note=""):
+        return _result("H5", statement, value, gate.value, gate.direction, status, evidence, note)
+
+    if bench is None:
+        return done(UNAVAILABLE, "run tools/bench.py")
+    if value is None:
+        if speedup is not None and speedup <= 1.0:
+            return done(FAIL, f"the fragment is not faster (speedup {speedup:.3f}): it never breaks even")
+        return done(UNAVAILABLE, "bench.json has no break_even_images (profile/extract costs missing?)")
+    return done(PASS if gate.passes(value) else FAIL)
+
+
+def score_hypotheses(validations: Sequence[Source], primary: Source | None, bench: Source | None,
+                     manifest: Source | None, th: Thresholds) -> list[dict[str, Any]]:
+    """H1..H5 in order. ``validations``: every validation point (run + sweeps); ``primary``: the run's own."""
+    return [
+        h1_head_prunable(validations, th),
+        h2_memory(primary, bench, manifest, th),
+        h3_reuse(primary, manifest, th),
+        h4_throughput(bench, th),
+        h5_break_even(bench, th),
+    ]

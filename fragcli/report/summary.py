@@ -1,0 +1,278 @@
+"""Assemble ``metrics_summary.json`` (``_type: frag.report``): quality, performance, memory, hypotheses, gates,
+notes and provenance, from the files ``collect`` found."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from fragcli import __version__
+from fragcli.hypotheses import FAIL, Source, score_hypotheses
+from fragcli.report.collect import RunFiles
+from fragcli.thresholds import IMAGE_GATES, Thresholds
+
+LIBRARIES = ("torch", "diffusers", "transformers", "open_clip_torch", "lpips", "scikit-image", "imagehash",
+             "numpy", "pyarrow", "matplotlib", "pydantic", "typer")
+AGGREGATE_KEYS = {"clip_delta_rel": "clip_delta_rel", "lpips": "lpips_mean", "ssim": "ssim_mean",
+                  "phash_distance": "phash_mean"}
+
+
+def _num(x: Any) -> float | None:
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _d(src: Source | None, *keys: str) -> Any:
+    data: Any = src.data if src else None
+    for k in keys:
+        data = data.get(k) if isinstance(data, dict) else None
+    return data
+
+
+def quality_block(primary: Source | None) -> dict[str, Any]:
+    """The run's own validation, summarised."""
+    if primary is None:
+        return {"source": None}
+    v = primary.data
+    para = v.get("paraphrases") if isinstance(v.get("paraphrases"), dict) else None
+    seeds = v.get("seeds") if isinstance(v.get("seeds"), list) else []
+    return {
+        "source": primary.path,
+        "mode": v.get("mode"),
+        "prompt": v.get("prompt"),
+        "seeds": len(seeds) or len(v.get("per_image") or []),
+        "head_retention": _num(v.get("head_retention")),
+        "heads_removed_fraction": _num(v.get("heads_removed_fraction")),
+        "aggregate": {k: val for k, val in (v.get("aggregate") or {}).items()},
+        "unavailable": dict(v.get("unavailable") or {}),
+        "reuse_pass_rate": _num(para.get("pass_rate")) if para else None,
+        "paraphrases": len(para.get("prompts") or para.get("per_prompt") or []) if para else 0,
+        "passed": v.get("passed"),
+    }
+
+
+def performance_block(bench: Source | None, profile: Source | None) -> dict[str, Any]:
+    """Speed from bench.json (and profiling cost from context.json)."""
+    out: dict[str, Any] = {"source": bench.path if bench else None}
+    if bench is not None:
+        b = bench.data
+        out.update({
+            "device": b.get("device"), "variants": b.get("variants"), "steps": b.get("steps"),
+            "repeats": b.get("repeats"),
+            "full_per_image_s": _num(_d(bench, "full", "per_image_s")),
+            "fragment_per_image_s": _num(_d(bench, "fragment", "per_image_s")),
+            "full_images_per_min": _num(_d(bench, "full", "images_per_min")),
+            "fragment_images_per_min": _num(_d(bench, "fragment", "images_per_min")),
+            "speedup": _num(b.get("speedup")),
+            "break_even_images": _num(b.get("break_even_images")),
+            "profile_cost_s": _num(b.get("profile_cost_s")),
+            "extract_cost_s": _num(b.get("extract_cost_s")),
+        })
+    if profile is not None:
+        out["profile_total_s"] = _num(_d(profile, "timings", "total_s"))
+        out["profile_overhead_ratio"] = _num(_d(profile, "timings", "overhead_ratio"))
+    return out
+
+
+def memory_block(bench: Source | None, manifest: Source | None, primary: Source | None) -> dict[str, Any]:
+    """Weights and peak memory: bench.json first, then the manifest / validation weight counts."""
+    out: dict[str, Any] = {"source": None}
+    for src in (bench, manifest, primary):
+        if src is None:
+            continue
+        before = _num(_d(src, "full", "weight_bytes")) if src is bench else _num(_d(src, "weight_bytes", "before"))
+        after = _num(_d(src, "fragment", "weight_bytes")) if src is bench else _num(_d(src, "weight_bytes", "after"))
+        if before is not None and after is not None:
+            out.update(source=src.path, full_weight_bytes=before, fragment_weight_bytes=after,
+                       weight_reduction=_num(_d(src, "weight_reduction")) if src is bench else
+                       (1 - after / before if before else None))
+            pb = _d(src, "params", "before") if src is not bench else _num(_d(src, "full", "params"))
+            pa = _d(src, "params", "after") if src is not bench else _num(_d(src, "fragment", "params"))
+            out.update(full_params=_num(pb), fragment_params=_num(pa))
+            break
+    if bench is not None:
+        out.update({
+            "full_peak_rss_bytes": _num(_d(bench, "full", "peak_rss_bytes")),
+            "fragment_peak_rss_bytes": _num(_d(bench, "fragment", "peak_rss_bytes")),
+            "full_cuda_peak_bytes": _num(_d(bench, "full", "cuda_peak_bytes")),
+            "fragment_cuda_peak_bytes": _num(_d(bench, "fragment", "cuda_peak_bytes")),
+            "peak_memory_reduction": _num(bench.data.get("peak_memory_reduction")),
+        })
+    return out
+
+
+def key_metrics(quality: dict[str, Any], perf: dict[str, Any], memory: dict[str, Any]) -> dict[str, float | None]:
+    """The flat numbers a later report diffs against (see report.diff.RULES)."""
+    agg = quality.get("aggregate") or {}
+    return {
+        "clip_delta_rel": _num(agg.get("clip_delta_rel")),
+        "lpips_mean": _num(agg.get("lpips_mean")),
+        "ssim_mean": _num(agg.get("ssim_mean")),
+        "phash_mean": _num(agg.get("phash_mean")),
+        "pass_rate": _num(agg.get("pass_rate")),
+        "reuse_pass_rate": _num(quality.get("reuse_pass_rate")),
+        "head_retention": _num(quality.get("head_retention")),
+        "speedup": _num(perf.get("speedup")),
+        "full_per_image_s": _num(perf.get("full_per_image_s")),
+        "fragment_per_image_s": _num(perf.get("fragment_per_image_s")),
+        "break_even_images": _num(perf.get("break_even_images")),
+        "fragment_weight_bytes": _num(memory.get("fragment_weight_bytes")),
+        "weight_reduction": _num(memory.get("weight_reduction")),
+        "fragment_peak_rss_bytes": _num(memory.get("fragment_peak_rss_bytes")),
+        "fragment_cuda_peak_bytes": _num(memory.get("fragment_cuda_peak_bytes")),
+        "peak_memory_reduction": _num(memory.get("peak_memory_reduction")),
+    }
+
+
+def _gate_row(name: str, kind: str, measured: float | None, threshold: float | None, direction: str | None,
+              status: str, source: str | None, message: str) -> dict[str, Any]:
+    return {"gate": name, "kind": kind, "measured": measured, "threshold": threshold, "direction": direction,
+            "status": status, "source": source, "message": message}
+
+
+def quality_gates(quality: dict[str, Any], th: Thresholds) -> list[dict[str, Any]]:
+    """The quality gates on the run's aggregate; an unavailable metric is UNAVAILABLE and does not gate."""
+    rows = []
+    agg = quality.get("aggregate") or {}
+    unavailable = quality.get("unavailable") or {}
+    for gate_name, (key, sign) in IMAGE_GATES.items():
+        gate = th.gate(gate_name)
+        value = _num(agg.get(AGGREGATE_KEYS[key]))
+        if quality.get("source") is None:
+            rows.append(_gate_row(gate_name, "quality", None, gate.value, gate.direction, "UNAVAILABLE", None,
+                                  "no validation.json in the run"))
+            continue
+        if value is None:
+            why = unavailable.get(key.split("_")[0]) or f"no {AGGREGATE_KEYS[key]} in validation.json"
+            rows.append(_gate_row(gate_name, "quality", None, gate.value, gate.direction, "UNAVAILABLE",
+                                  quality["source"], why))
+            continue
+        measured = sign * value
+        ok = gate.passes(measured)
+        op = "<=" if gate.direction == "max" else ">="
+        msg = (f"{gate_name}: {measured:.4g} {op} {gate.value:g}" if ok else
+               f"{gate_name}: {measured:.4g} is not {op} {gate.value:g} (off by {abs(gate.margin(measured)):.4g})")
+        rows.append(_gate_row(gate_name, "quality", measured, gate.value, gate.direction,
+                              "PASS" if ok else "FAIL", quality["source"], msg))
+    return rows
+
+
+def hypothesis_gates(hypotheses: list[dict[str, Any]], th: Thresholds) -> list[dict[str, Any]]:
+    """Rows for the hypotheses listed in ``gate_hypotheses``: only FAIL fails (WARN/UNAVAILABLE are noted)."""
+    rows = []
+    for h in hypotheses:
+        if h["id"] not in th.gate_hypotheses:
+            continue
+        status = "FAIL" if h["status"] == FAIL else ("PASS" if h["status"] in ("PASS", "WARN") else "UNAVAILABLE")
+        msg = f"{h['id']} {h['status']}: value {h['value']}, threshold {h['threshold']:g} ({h['direction']})"
+        if h.get("note"):
+            msg += f"; {h['note']}"
+        rows.append(_gate_row(h["id"], "hypothesis", h["value"], h["threshold"], h["direction"], status,
+                              h["evidence"], msg))
+    return rows
+
+
+def regression_gates(diff: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for the regression checks that gate (PASS/FAIL; INFO and MISSING rows stay in the diff only)."""
+    rows = []
+    for r in diff["metrics"]:
+        if r["status"] not in ("PASS", "FAIL"):
+            continue
+        op = ">=" if r["better"] == "higher" else "<="
+        msg = f"{r['metric']}: {r['current']:.4g} vs baseline {r['baseline']:.4g} (limit {op} {r['limit']:.4g})"
+        if r["status"] == "FAIL":
+            msg = f"{r['metric']} regressed: {r['current']:.4g} vs baseline {r['baseline']:.4g}, " \
+                  f"beyond the {r['tolerance_kind']} tolerance {r['tolerance']:g} (limit {op} {r['limit']:.4g})"
+        rows.append(_gate_row(f"regression.{r['metric']}", "regression", r["current"], r["limit"],
+                              "min" if r["better"] == "higher" else "max", r["status"],
+                              (diff.get("baseline") or {}).get("path"), msg))
+    return rows
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and len(sha) >= 40 else None
+
+
+def provenance(rf: RunFiles) -> dict[str, Any]:
+    versions: dict[str, str | None] = {"frag": __version__, "python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = None
+    return {
+        "git_commit": _git_commit(),
+        "versions": versions,
+        "run_versions": _d(rf.profile, "versions"),
+        "device": {"run": _d(rf.bench, "device") or _d(rf.profile, "model", "device"),
+                   "host": platform.node(), "platform": platform.platform(), "machine": platform.machine(),
+                   "cpus": os.cpu_count()},
+        "inputs": dict(rf.files),
+    }
+
+
+def build_summary(rf: RunFiles, th: Thresholds, created: str) -> dict[str, Any]:
+    """Everything but the regression part (added by ``attach_regression``)."""
+    model = rf.model()
+    quality = quality_block(rf.primary)
+    perf = performance_block(rf.bench, rf.profile)
+    memory = memory_block(rf.bench, rf.manifest, rf.primary)
+    hyps = score_hypotheses(rf.points, rf.primary, rf.bench, rf.manifest, th)
+    manifest = rf.manifest.data if rf.manifest else {}
+    notes = list(rf.notes)
+    for metric, reason in (quality.get("unavailable") or {}).items():
+        notes.append(f"{metric} unavailable in validation: {reason}")
+    return {
+        "_type": "frag.report",
+        "schema_version": 1,
+        "created": created,
+        "run": {"id": rf.root.name, "dir": str(rf.root)},
+        "model": model,
+        "fragment": {"name": manifest.get("name"), "path": str(Path(manifest["_file"]).parent) if manifest else None,
+                     "hash": rf.manifest_sha256,
+                     "head_retention": _num(_d(rf.manifest, "pruning", "head_retention")),
+                     "heads_kept": _d(rf.manifest, "pruning", "heads_kept"),
+                     "heads_total": _d(rf.manifest, "pruning", "heads_total")},
+        "hypotheses": hyps,
+        "quality": quality,
+        "performance": perf,
+        "memory": memory,
+        "metrics": key_metrics(quality, perf, memory),
+        "sweep": [{"source": p.path, "heads_removed_fraction": _num(p.data.get("heads_removed_fraction")),
+                   "head_retention": _num(p.data.get("head_retention")),
+                   **{k: _num((p.data.get("aggregate") or {}).get(k))
+                      for k in ("clip_delta_rel", "lpips_mean", "ssim_mean", "phash_mean", "pass_rate")}}
+                  for p in rf.points],
+        "thresholds": {**th.flat(), "gate_hypotheses": list(th.gate_hypotheses)},
+        "notes": notes,
+        "provenance": provenance(rf),
+    }
+
+
+def attach_gates(summary: dict[str, Any], diff: dict[str, Any], th: Thresholds, gating: bool) -> dict[str, Any]:
+    """Add the gate rows, the regression summary and the overall verdict to ``summary`` (in place)."""
+    rows = quality_gates(summary["quality"], th) + hypothesis_gates(summary["hypotheses"], th) + regression_gates(diff)
+    failures = [r["message"] for r in rows if r["status"] == "FAIL"]
+    summary["gates"] = rows
+    summary["regression"] = {"compare": diff["compare"], "baseline": diff["baseline"], "note": diff["note"],
+                             "passed": diff["passed"], "failures": diff["failures"]}
+    summary["gate"] = {"enforced": gating, "passed": not failures, "failures": failures}
+    if diff["note"]:
+        summary["notes"].append(diff["note"])
+    return summary

@@ -1,0 +1,184 @@
+"""`frag validate`: the fragment against its full model on the same seeds (and on paraphrases), with gates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from fragcli.errors import FragError
+
+
+@dataclass
+class ValidateOptions:
+    seeds: list[int]
+    paraphrases: list[str] | None = None
+    paraphrase_seeds: int = 2
+    simulate: bool = False
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    clip_model: str | None = None
+    clip_weights: Path | None = None
+    lpips_weights: Path | None = None
+    thresholds: Path | None = None
+    profile_dir: Path | None = None
+    show_progress: bool = True
+
+
+def _base_spec(manifest, override: str | None) -> str:
+    base = manifest.base_model
+    return override or (base.name if base.source.startswith("builtin:") else base.source)
+
+
+def _profile_images(profile_dir: Path | None, model_hash: str, s, seeds: list[int]) -> dict[int, Image.Image]:
+    """Full-model images the profile already made, where its model and settings match exactly."""
+    import json
+
+    if profile_dir is None or not (Path(profile_dir) / "context.json").is_file():
+        return {}
+    try:
+        ctx = json.loads((Path(profile_dir) / "context.json").read_text())
+    except ValueError:
+        return {}
+    same = (ctx.get("model", {}).get("hash") == model_hash and ctx.get("settings") == s.as_dict())
+    if not same:
+        return {}
+    out = {}
+    for seed in seeds:
+        rel = ctx.get("images", {}).get(str(seed))
+        path = Path(profile_dir) / rel if rel else None
+        if path and path.is_file() and Path(profile_dir).resolve() in path.resolve().parents:
+            out[seed] = Image.open(path).convert("RGB")
+    return out
+
+
+def _metrics(loaded, o: ValidateOptions):
+    from fragcli.metrics import load_metrics
+
+    judge = None
+    if loaded.defaults.get("judge") and o.clip_weights is None:
+        from fragcli.judge import load_judge
+
+        judge = load_judge(device=loaded.device)
+    return load_metrics(o.clip_model, o.clip_weights, o.lpips_weights, judge=judge, device=loaded.device)
+
+
+def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
+    """Generate full and fragment images on the same seeds, compare, gate; returns the validation record."""
+    from fragcli.console import progress
+    from fragcli.fragment import load_fragment, verify_fragment
+    from fragcli.generation import generate, resolve_settings
+    from fragcli.memory import param_count, weight_bytes
+    from fragcli.metrics import aggregate, compare_images
+    from fragcli.models import load_model
+    from fragcli.models.hashing import sha256_file
+    from fragcli.techniques import HeadPruneConfig, apply_technique
+    from fragcli.thresholds import check_image, load_thresholds
+
+    thresholds = load_thresholds(o.thresholds)
+    fragment_dir = Path(fragment_dir).resolve()
+    manifest = verify_fragment(fragment_dir, None)
+    loaded = load_model(_base_spec(manifest, o.model), o.device, o.dtype)
+    if loaded.hash != manifest.base_model.hash:
+        raise FragError(f"model {loaded.name} ({loaded.hash[:12]}) is not the fragment's base model "
+                        f"({manifest.base_model.hash[:12]})", "pass the fragment's base model with --model")
+    g = manifest.generation
+    s = resolve_settings(loaded, g.prompt, g.steps, g.guidance, g.width, g.height, g.negative_prompt)
+    para = o.paraphrases or []
+    p_seeds = o.seeds[: o.paraphrase_seeds]
+    metrics = _metrics(loaded, o)
+    before = {"params": param_count(loaded.pipe), "weight_bytes": weight_bytes(loaded.pipe)}
+
+    profile_dir = o.profile_dir or (Path(g.profile_dir) if g.profile_dir else None)
+    full = _profile_images(profile_dir, loaded.hash, s, o.seeds)
+    reused = sorted(full)
+    todo = [seed for seed in o.seeds if seed not in full]
+    total = (len(todo) + 2 * len(para) * len(p_seeds) + len(o.seeds)) * s.steps
+    with progress("validating (full, then fragment)", total, o.show_progress) as adv:
+        if todo:
+            full.update(generate(loaded.pipe, s, todo, loaded.device, advance=adv).images)
+        full_para = [generate(loaded.pipe, s, p_seeds, loaded.device, prompt=p, advance=adv).images for p in para]
+        if o.simulate:
+            apply_technique(loaded.denoiser, HeadPruneConfig(manifest.pruning.heads_removed, mode="mask"))
+        else:
+            load_fragment(loaded, fragment_dir)
+        after = {"params": param_count(loaded.pipe), "weight_bytes": weight_bytes(loaded.pipe)}
+        frag = generate(loaded.pipe, s, o.seeds, loaded.device, advance=adv).images
+        frag_para = [generate(loaded.pipe, s, p_seeds, loaded.device, prompt=p, advance=adv).images for p in para]
+
+    comp = compare_images([full[x] for x in o.seeds], [frag[x] for x in o.seeds], s.prompt, metrics.clip,
+                          metrics.lpips, metrics.unavailable)
+    per_image = []
+    for seed, row in zip(o.seeds, comp.per_image, strict=True):
+        check = check_image(row, thresholds)
+        per_image.append({"seed": seed, **row, "passed": check.passed, "failures": check.failures})
+    agg = aggregate(per_image)
+
+    paraphrases = None
+    if para:
+        rows = []
+        for p, fi, gi in zip(para, full_para, frag_para, strict=True):
+            c = compare_images([fi[x] for x in p_seeds], [gi[x] for x in p_seeds], p, metrics.clip, metrics.lpips,
+                               metrics.unavailable)
+            a = aggregate(c.per_image)
+            m = {"clip_delta_rel": a["clip_delta_rel"], "lpips": a["lpips_mean"], "ssim": a["ssim_mean"],
+                 "phash_distance": a["phash_mean"]}
+            check = check_image(m, thresholds)
+            rows.append({"prompt": p, "clip_full": a["clip_full_mean"], "clip_fragment": a["clip_fragment_mean"],
+                         **m, "passed": check.passed, "failures": check.failures})
+        paraphrases = {"prompts": para, "seeds": p_seeds, "per_prompt": rows,
+                       "pass_rate": sum(r["passed"] for r in rows) / len(rows)}
+    agg_check = check_image({"clip_delta_rel": agg["clip_delta_rel"], "lpips": agg["lpips_mean"],
+                             "ssim": agg["ssim_mean"], "phash_distance": agg["phash_mean"]}, thresholds)
+    pr = manifest.pruning
+    record = {
+        "_type": "frag.validation",
+        "schema_version": 1,
+        "fragment": str(fragment_dir),
+        "fragment_name": manifest.name,
+        "manifest_sha256": sha256_file(fragment_dir / "manifest.json"),
+        "model": {"name": loaded.name, "hash": loaded.hash},
+        "mode": "simulate" if o.simulate else "physical",
+        "prompt": s.prompt,
+        "settings": s.as_dict(),
+        "seeds": o.seeds,
+        "reused_profile_images": reused,
+        "head_retention": pr.achieved_retention,
+        "heads_removed_fraction": 1 - pr.achieved_retention,
+        "params": {"before": before["params"], "after": after["params"]},
+        "weight_bytes": {"before": before["weight_bytes"], "after": after["weight_bytes"]},
+        "per_image": per_image,
+        "aggregate": agg,
+        "unavailable": comp.unavailable,
+        "paraphrases": paraphrases,
+        "thresholds": thresholds.flat(),
+        "failures": agg_check.failures,
+        "passed": agg_check.passed,
+    }
+    return {"record": record, "full": full, "frag": frag}
+
+
+def write_validation(result: dict, out: Path, fragment_dir: Path, update_manifest_blocks: bool = True) -> None:
+    """validation.json + grid.png into ``out`` (atomically), and the quality/reuse blocks into the manifest."""
+    from fragcli.manifest import update_manifest
+    from fragcli.metrics import side_by_side_grid
+    from fragcli.paths import atomic_write_json, staged_dir
+
+    rec = result["record"]
+    seeds = rec["seeds"]
+    with staged_dir(out) as tmp:
+        atomic_write_json(tmp / "validation.json", rec)
+        side_by_side_grid([result["full"][x] for x in seeds], [result["frag"][x] for x in seeds], tmp / "grid.png",
+                          labels=[f"seed {x}" for x in seeds])
+    if update_manifest_blocks and rec["mode"] == "physical":
+        a = rec["aggregate"]
+        quality = {"seeds": seeds, "passed": rec["passed"], "failures": rec["failures"], "validation": str(out),
+                   **{k: a[k] for k in ("clip_full_mean", "clip_fragment_mean", "clip_delta_rel", "lpips_mean",
+                                         "ssim_mean", "phash_mean", "pass_rate")},
+                   "unavailable": rec["unavailable"]}
+        p = rec["paraphrases"]
+        reuse = {"paraphrases": len(p["prompts"]), "passed": sum(r["passed"] for r in p["per_prompt"]),
+                 "pass_rate": p["pass_rate"]} if p else {}
+        update_manifest(fragment_dir, quality=quality, reuse=reuse)
