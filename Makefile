@@ -3,11 +3,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FRAG   := $(VENV)/bin/frag
 STAMP  := $(VENV)/.frag-installed
-PROMPT ?= a red circle on a blue background
+PROMPT ?= a large red circle in the center on a blue background
+RUN    ?= reports/demo
+GATE   ?= reports/gate
 export FRAG_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
+export MPLBACKEND ?= Agg
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo gate baseline test lint clean
 
 setup: $(STAMP)
 
@@ -18,16 +21,34 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
 
+# The main job on the default model: profile -> extract -> validate -> generate -> bench -> sweep -> report (H1-H5).
 demo: setup
-	$(FRAG) profile "$(PROMPT)" --seeds 4 --profile-steps 5 --out reports/demo/profile --overwrite
-	$(FRAG) extract reports/demo/profile --head-retention 0.7 --out fragments/demo --overwrite
-	$(FRAG) generate "$(PROMPT)" --fragment fragments/demo --seeds 0-7 --batch-size 4 --out reports/demo/generate --overwrite
+	$(FRAG) profile "$(PROMPT)" --seeds 8 --out $(RUN)/profile --overwrite
+	$(FRAG) extract $(RUN)/profile --head-retention 0.7 --out fragments/demo --overwrite
+	$(FRAG) validate fragments/demo --seeds 20 --out $(RUN)/validate --overwrite
+	$(FRAG) generate "$(PROMPT)" --fragment auto --seeds 0-7 --batch-size 4 --out $(RUN)/generate --overwrite
+	$(PY) tools/bench.py fragments/demo --variants 32 --out $(RUN)/bench/bench.json
+	$(PY) tools/sweep.py $(RUN)/profile --retentions 0.9,0.8,0.7,0.6,0.5 --seeds 4 --out $(RUN)/sweep --overwrite
+	$(FRAG) report --run $(RUN) --sweep $(RUN)/sweep --compare none --out $(RUN)/report --overwrite
+
+# The CI regression gate: the same chain at small settings, compared with the committed baseline.
+gate: setup
+	$(FRAG) profile "$(PROMPT)" --seeds 4 --out $(GATE)/profile --overwrite
+	$(FRAG) extract $(GATE)/profile --head-retention 0.7 --out $(GATE)/fragment --overwrite
+	$(FRAG) validate $(GATE)/fragment --seeds 4 --paraphrase-seeds 1 --out $(GATE)/validate --overwrite
+	$(PY) tools/bench.py $(GATE)/fragment --variants 4 --out $(GATE)/bench/bench.json
+	$(FRAG) report --run $(GATE) --compare baseline --gate thresholds.yaml --out $(GATE)/report --overwrite
+
+# Re-record the committed baseline from a fresh gate run (commit reports/baseline afterwards).
+baseline: gate
+	rm -rf reports/baseline && cp -r $(GATE)/report reports/baseline
 
 test: setup
+	$(MAKE) --no-print-directory gate
 	$(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check fragcli tests tools
 
 clean:
-	rm -rf reports/demo fragments/demo .frag
+	rm -rf $(RUN) $(GATE) fragments/demo .frag

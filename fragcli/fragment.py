@@ -7,7 +7,15 @@ from pathlib import Path
 
 from fragcli import __version__
 from fragcli.errors import FragError
-from fragcli.manifest import Artifact, BaseModelRef, Generation, Manifest, Pruning, read_manifest, write_manifest
+from fragcli.manifest import (
+    Artifact,
+    BaseModelRef,
+    Generation,
+    Manifest,
+    Pruning,
+    read_manifest,
+    write_manifest,
+)
 from fragcli.memory import param_count, weight_bytes
 from fragcli.models.hashing import sha256_file
 from fragcli.paths import atomic_write_json, fragments_dir, inside, staged_dir

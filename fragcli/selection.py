@@ -63,30 +63,33 @@ def read_profile(profile_dir: Path):
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in HEAD_COLUMNS}
 
 
+def _score(method: str, heads: int, h_idx: np.ndarray, e: np.ndarray, ent: np.ndarray, median_e: float) -> np.ndarray:
+    """One score per head from its rows (energy_post ``e``, entropy ``ent``), see the module docstring."""
+    em = np.array([e[h_idx == h].mean() for h in range(heads)])
+    if method == "energy":
+        return em
+    hm = np.array([ent[h_idx == h].mean() for h in range(heads)])
+    if method == "entropy":
+        return 1 - hm
+    es = np.array([e[h_idx == h].std() for h in range(heads)])
+    return em / median_e + 0.5 * es / median_e + 0.5 * (1 - hm)
+
+
 def score_heads(cols: dict, method: str) -> dict:
     """Per module: heads, score per head, per-seed scores (for rank stability)."""
-    modules = list(dict.fromkeys(cols["module"].tolist()))
     e = cols["energy_post"].astype(float)
     ent = np.nan_to_num(cols["entropy"].astype(float), nan=0.5)
     median_e = float(np.median(e)) or 1.0
     seeds = sorted(set(cols["seed"].tolist()))
     out = {}
-    for mod in modules:
+    for mod in dict.fromkeys(cols["module"].tolist()):
         sel = cols["module"] == mod
         heads = int(cols["heads"][sel][0])
-        h_idx, s_idx = cols["head"][sel], cols["seed"][sel]
-        def agg(mask):
-            em = np.array([e[sel][mask & (h_idx == h)].mean() for h in range(heads)])
-            es = np.array([e[sel][mask & (h_idx == h)].std() for h in range(heads)])
-            hm = np.array([ent[sel][mask & (h_idx == h)].mean() for h in range(heads)])
-            if method == "energy":
-                return em
-            if method == "entropy":
-                return 1 - hm
-            return em / median_e + 0.5 * es / median_e + 0.5 * (1 - hm)
-        all_rows = np.ones(sel.sum(), dtype=bool)
-        per_seed = [agg(s_idx == s) for s in seeds]
-        out[mod] = {"heads": heads, "score": agg(all_rows), "per_seed": np.stack(per_seed)}
+        h_idx, s_idx, e_m, ent_m = cols["head"][sel], cols["seed"][sel], e[sel], ent[sel]
+        per_seed = [_score(method, heads, h_idx[s_idx == s], e_m[s_idx == s], ent_m[s_idx == s], median_e)
+                    for s in seeds]
+        out[mod] = {"heads": heads, "score": _score(method, heads, h_idx, e_m, ent_m, median_e),
+                    "per_seed": np.stack(per_seed)}
     return out
 
 

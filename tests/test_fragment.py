@@ -58,7 +58,7 @@ def test_extract_writes_selection_manifest_and_delta(built):
 
 def test_round_trip_reproduces_the_pruned_model(built):
     prof, frag, _ = built
-    from fragcli.selection import plan, read_profile, score_heads, SelectionParams
+    from fragcli.selection import SelectionParams, plan, read_profile, score_heads
     from fragcli.techniques import HeadPruneConfig, apply_technique
 
     direct = load_model("tiny")

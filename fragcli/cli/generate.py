@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,7 +13,7 @@ from fragcli.cli import options as o
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt (a fragment's prompt or a paraphrase of it).")],
     fragment: Annotated[
-        Optional[str], typer.Option("--fragment", "-f", help="A fragment folder, or 'auto' (match model and prompt).")
+        str | None, typer.Option("--fragment", "-f", help="A fragment folder, or 'auto' (match model and prompt).")
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 2 instead of falling back when the fragment is refused.")] = False,
     model: o.Model = None,

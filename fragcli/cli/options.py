@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 Model = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--model",
         "-m",
@@ -20,14 +20,14 @@ Model = Annotated[
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto | fp32 | fp16 | bf16 (auto: fp16 on CUDA, fp32 on CPU)")]
 Seeds = Annotated[str, typer.Option("--seeds", help="How many seeds (8 = 0..7), a list (3,5,9) or a range (0-31).")]
-Steps = Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (default: the model's).", show_default=False)]
+Steps = Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the model's).", show_default=False)]
 Guidance = Annotated[
-    Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale (default: the model's).", show_default=False)
+    float | None, typer.Option("--guidance", help="Classifier-free guidance scale (default: the model's).", show_default=False)
 ]
 Negative = Annotated[str, typer.Option("--negative-prompt", help="Negative prompt.")]
-Width = Annotated[Optional[int], typer.Option("--width", help="Image width (default: the model's).", show_default=False)]
-Height = Annotated[Optional[int], typer.Option("--height", help="Image height (default: the model's).", show_default=False)]
-Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: under FRAG_HOME).", show_default=False)]
+Width = Annotated[int | None, typer.Option("--width", help="Image width (default: the model's).", show_default=False)]
+Height = Annotated[int | None, typer.Option("--height", help="Image height (default: the model's).", show_default=False)]
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: under FRAG_HOME).", show_default=False)]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder (atomically).")]
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,7 +16,7 @@ def profile(
     seeds: o.Seeds = "8",
     steps: o.Steps = None,
     profile_steps: Annotated[
-        Optional[int], typer.Option("--profile-steps", help="Profile K steps spread over the schedule (default: all).")
+        int | None, typer.Option("--profile-steps", help="Profile K steps spread over the schedule (default: all).")
     ] = None,
     step_spacing: Annotated[str, typer.Option("--step-spacing", help="uniform | geometric (dense early steps).")] = "uniform",
     exact_entropy: Annotated[bool, typer.Option("--exact-entropy", help="Exact entropy over all query rows (slower).")] = False,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,15 +14,15 @@ def validate(
     fragment_dir: Annotated[Path, typer.Argument(help="A fragment folder written by frag extract.")],
     seeds: o.Seeds = "20",
     paraphrases: Annotated[
-        Optional[Path], typer.Option("--paraphrases", help="One prompt per line (default for shapes: the prompt's family).")
+        Path | None, typer.Option("--paraphrases", help="One prompt per line (default for shapes: the prompt's family).")
     ] = None,
     paraphrase_seeds: Annotated[int, typer.Option("--paraphrase-seeds", min=1, help="Seeds per paraphrase.")] = 2,
     simulate: Annotated[bool, typer.Option("--simulate", help="Validate the masked (logical) model instead.")] = False,
-    clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="open_clip model name (real models).")] = None,
-    clip_weights: Annotated[Optional[Path], typer.Option("--clip-weights", help="Local CLIP weights file.")] = None,
-    lpips_weights: Annotated[Optional[Path], typer.Option("--lpips-weights", help="Local AlexNet weights for LPIPS.")] = None,
-    thresholds: Annotated[Optional[Path], typer.Option("--thresholds", help="Gates file (default: built-in defaults).")] = None,
-    profile: Annotated[Optional[Path], typer.Option("--profile", help="Reuse this profile's full-model images.")] = None,
+    clip_model: Annotated[str | None, typer.Option("--clip-model", help="open_clip model name (real models).")] = None,
+    clip_weights: Annotated[Path | None, typer.Option("--clip-weights", help="Local CLIP weights file.")] = None,
+    lpips_weights: Annotated[Path | None, typer.Option("--lpips-weights", help="Local AlexNet weights for LPIPS.")] = None,
+    thresholds: Annotated[Path | None, typer.Option("--thresholds", help="Gates file (default: built-in defaults).")] = None,
+    profile: Annotated[Path | None, typer.Option("--profile", help="Reuse this profile's full-model images.")] = None,
     model: o.Model = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",

@@ -111,7 +111,7 @@ def _from_folder(folder: Path, torch_dtype):
     try:
         return DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=True,
                                                  local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         msg = str(exc).splitlines()[0][:200]
         raise FragError(f"cannot load the pipeline in {folder}: {msg}",
                         "frag loads safetensors weights only; convert .bin weights or re-save the folder") from None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fragcli import __version__
 from fragcli.console import progress
-from fragcli.generation import GenSettings, generator_for, run_batch
+from fragcli.generation import GenSettings, run_batch
 from fragcli.memory import PeakMemory, weight_bytes
 from fragcli.paths import atomic_write_json, staged_dir
 from fragcli.profiling.blocks import install_block_stats, install_context_hook, remove_block_stats

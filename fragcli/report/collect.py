@@ -120,6 +120,16 @@ def _scan(root: Path, flag: str) -> tuple[dict[str, list[Source]], list[str]]:
     return found, notes
 
 
+def _linked_manifest(found: dict[str, list[Source]], notes: list[str]) -> Source | None:
+    """The manifest of the fragment that a validation.json (``fragment``) or bench.json (``fragment_path``) names."""
+    for src in [*found["validation.json"], *found["bench.json"]]:
+        folder = src.data.get("fragment") if src.data.get("_type") == "frag.validation" else src.data.get("fragment_path")
+        if isinstance(folder, str) and (Path(folder) / "manifest.json").is_file():
+            notes.append(f"fragment manifest found through {src.path}: {folder}")
+            return _load(Path(folder) / "manifest.json", Path(folder).parent, notes)
+    return None
+
+
 def _folder(src: Source) -> Path:
     return Path(src.data["_file"]).parent
 
@@ -163,6 +173,11 @@ def collect_run(run: Path, sweeps: list[Path] | None = None) -> RunFiles:
     rf.manifest = _pick(found["manifest.json"], "fragment manifest.json", rf.notes)
     rf.bench = _pick(found["bench.json"], "bench.json", rf.notes)
     selections = found["selection.json"]
+    if rf.manifest is None:  # the fragment may live elsewhere (fragments/<name>): follow the run's own records
+        rf.manifest = _linked_manifest(found, rf.notes)
+        if rf.manifest is not None:
+            more, _ = _scan(_folder(rf.manifest), "fragment")
+            found["selection.json"] = more["selection.json"] + found["selection.json"]
     if rf.manifest is not None:  # the selection beside the manifest wins
         beside = [s for s in selections if _folder(s) == _folder(rf.manifest)]
         selections = beside + [s for s in selections if s not in beside]
