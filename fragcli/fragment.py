@@ -93,7 +93,16 @@ def verify_fragment(folder: Path, model_hash: str | None) -> Manifest:
 
 
 def _model_hash(pipe) -> str | None:
-    return getattr(pipe, "_frag_model_hash", None)
+    """The hash frag's loader recorded, else the hash of the local folder diffusers loaded the pipeline from."""
+    known = getattr(pipe, "_frag_model_hash", None)
+    if known:
+        return known
+    source = getattr(getattr(pipe, "config", None), "_name_or_path", None) or getattr(pipe, "name_or_path", None)
+    if source and Path(source).is_dir():
+        from fragcli.models.hashing import hash_model_path
+
+        return hash_model_path(Path(source))
+    return None
 
 
 def load_fragment(pipe, folder: str | Path, model_hash: str | None = None):

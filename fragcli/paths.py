@@ -111,6 +111,8 @@ def check_out_dir(out: Path, overwrite: bool) -> Path:
     probe = out
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise FragError(f"cannot create {out}: {probe} is a file", "choose another --out path")
     if not os.access(probe, os.W_OK):
         raise FragError(f"cannot write to {probe}", "choose a writable --out folder")
     return out

@@ -113,3 +113,11 @@ def test_help_has_an_example():
     for cmd in ("profile", "extract", "generate"):
         result = run_cli(cmd, "--help")
         assert result.exit_code == 0 and "Example:" in result.output
+
+
+def test_out_below_a_file_is_refused(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = run_cli("profile", PROMPT, "-m", "tiny", "--seeds", "1", "--steps", "1", "--out", blocker / "sub")
+    assert_one_line_error(result, "is a file")
+    assert blocker.read_text() == "x"

@@ -188,3 +188,14 @@ def test_extract_refuses_bad_profiles(tmp_path, built):
     assert_one_line_error(run_cli("extract", built[0], "--head-retention", "0", "--out", tmp_path / "f"),
                           "head-retention")
     assert not (tmp_path / "f").exists()
+
+
+def test_load_fragment_on_a_plain_diffusers_pipeline(built):
+    """A pipeline loaded with diffusers directly is identified by its folder's hash."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = load_model("tiny").folder
+    pipe = StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True)
+    load_fragment(pipe, built[1])
+    m = json.loads((built[1] / "manifest.json").read_text())
+    assert heads_per_module(pipe.unet) == m["structure"]
