@@ -29,7 +29,8 @@ def head_energies(x: torch.Tensor, heads: int, weight: torch.Tensor) -> tuple[to
     pre = xh.pow(2).mean(dim=(0, 2)).sqrt()
     w = weight.float().reshape(weight.shape[0], heads, hd)  # (out, heads, hd)
     gram = torch.einsum("ohd,ohe->hde", w, w)  # (heads, hd, hd)
-    quad = torch.einsum("nhd,hde,nhe->h", xh, gram, xh)
+    xt = xh.transpose(0, 1)  # (heads, n, hd)
+    quad = (torch.bmm(xt, gram) * xt).sum(dim=(1, 2))
     post = (quad.clamp_min(0) / (b * s * weight.shape[0])).sqrt()
     return pre, post
 
@@ -56,8 +57,8 @@ def head_entropy(query, key, mask, sample_rows: int | None) -> torch.Tensor:
                 logits = logits.masked_fill(~m, float("-inf"))
             else:
                 logits = logits + m.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        ent = -(logp.exp() * torch.nan_to_num(logp, neginf=0.0)).sum(-1)  # (b, h, rows)
+        p = torch.softmax(logits, dim=-1)
+        ent = -torch.special.xlogy(p, p).sum(-1)  # (b, h, rows); 0 log 0 = 0 for masked keys
         total += ent.sum(dim=(0, 2))
         rows += ent.shape[0] * ent.shape[2]
     return (total / rows / math.log(n_k)).cpu()
