@@ -8,11 +8,11 @@ sample sizes (20 seeds, 32 variants) and H2's quality bound (5%) are part of the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from fragcli.thresholds import Thresholds
+from fragcli.thresholds import finite_number as _num
 
 PASS, WARN, FAIL, UNAVAILABLE = "PASS", "WARN", "FAIL", "UNAVAILABLE"
 STATUSES = (PASS, WARN, FAIL, UNAVAILABLE)
@@ -30,14 +30,6 @@ class Source(NamedTuple):
     data: dict[str, Any]
 
 
-def _num(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 def _get(data: dict[str, Any] | None, *keys: str) -> Any:

@@ -237,7 +237,8 @@ class ImageCheck:
     skipped: dict[str, str] = field(default_factory=dict)  # gate -> why it did not gate (metric unavailable)
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """A finite float, or None for None/bools/NaN/inf/non-numbers."""
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -254,7 +255,7 @@ def check_image(metrics: dict[str, Any], thresholds: Thresholds) -> ImageCheck:
     """
     check = ImageCheck(passed=True)
     for gate_name, (key, sign) in IMAGE_GATES.items():
-        value = _number(metrics.get(key))
+        value = finite_number(metrics.get(key))
         if value is None:
             check.skipped[gate_name] = f"{key} unavailable"
             continue

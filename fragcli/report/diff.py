@@ -8,13 +8,13 @@ tolerances are absolute, ``*_rel`` ones a fraction of the baseline value; a ``nu
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from fragcli.errors import FragError
 from fragcli.paths import read_json, reports_dir, safe_name
 from fragcli.thresholds import Regression
+from fragcli.thresholds import finite_number as _num
 
 SUMMARY = "metrics_summary.json"
 
@@ -116,14 +116,6 @@ def find_comparison(compare: str, model: dict[str, Any], exclude: Path | None = 
     return Comparison(path, data, note)
 
 
-def _num(x: Any) -> float | None:
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def diff_metric(rule: Rule, baseline: Any, current: Any, tol: Regression) -> dict[str, Any]:

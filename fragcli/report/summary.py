@@ -4,7 +4,6 @@ notes and provenance, from the files ``collect`` found."""
 from __future__ import annotations
 
 import importlib.metadata
-import math
 import os
 import platform
 import subprocess
@@ -15,6 +14,7 @@ from fragcli import __version__
 from fragcli.hypotheses import FAIL, Source, score_hypotheses
 from fragcli.report.collect import RunFiles
 from fragcli.thresholds import IMAGE_GATES, Thresholds
+from fragcli.thresholds import finite_number as _num
 
 LIBRARIES = ("torch", "diffusers", "transformers", "open_clip_torch", "lpips", "scikit-image", "imagehash",
              "numpy", "pyarrow", "matplotlib", "pydantic", "typer")
@@ -22,14 +22,6 @@ AGGREGATE_KEYS = {"clip_delta_rel": "clip_delta_rel", "lpips": "lpips_mean", "ss
                   "phash_distance": "phash_mean"}
 
 
-def _num(x: Any) -> float | None:
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _d(src: Source | None, *keys: str) -> Any:
