@@ -106,8 +106,8 @@ def plan(scores: dict, p: SelectionParams) -> dict:
     """Choose the heads to remove; every module keeps at least one head."""
     p.check()
     keep_frac = min(1.0, p.head_retention + p.safety_margin)
-    protected = {m: [int(h) for h in np.flatnonzero(instability(v["per_seed"]) > p.stability_threshold)]
-                 for m, v in scores.items()}
+    unstable = {m: instability(v["per_seed"]) for m, v in scores.items()}
+    protected = {m: [int(h) for h in np.flatnonzero(u > p.stability_threshold)] for m, u in unstable.items()}
     removed: dict[str, list[int]] = {m: [] for m in scores}
     if p.per_module:
         for m, v in scores.items():
@@ -137,6 +137,7 @@ def plan(scores: dict, p: SelectionParams) -> dict:
         "removed": {m: r for m, r in removed.items()},
         "kept": {m: scores[m]["heads"] - len(r) for m, r in removed.items()},
         "scores": {m: [round(float(x), 8) for x in v["score"]] for m, v in scores.items()},
+        "instability": {m: [round(float(x), 6) for x in u] for m, u in unstable.items()},
         "protected": protected,
         "heads_total": total,
         "heads_removed": n_removed,

@@ -55,6 +55,24 @@ def test_pruned_module_equals_masked_module(cross, with_mask):
     assert (full - ref).abs().max().item() > 1e-3  # the heads mattered: the test can fail
 
 
+@pytest.mark.parametrize("which", ["attn1", "attn2"])
+def test_tiny_modules_pruned_equal_masked_with_an_attention_mask(tiny, which):
+    name = f"down_blocks.1.attentions.0.transformer_blocks.0.{which}"
+    attn = dict(tiny.pipe.unet.named_modules())[name]
+    torch.manual_seed(3)
+    x = torch.randn(2, 16, attn.to_q.in_features)
+    ctx = torch.randn(2, 77, attn.to_k.in_features) if which == "attn2" else None
+    mask = torch.zeros(2, 1, 77 if ctx is not None else 16)
+    mask[:, :, -5:] = -10000.0
+    masked, pruned = torch.nn.ModuleDict({"a": copy.deepcopy(attn)}), torch.nn.ModuleDict({"a": copy.deepcopy(attn)})
+    install_head_mask(masked, {"a": [2, 5, 6]})
+    apply_technique(pruned, HeadPruneConfig({"a": [2, 5, 6]}))
+    with torch.no_grad():
+        for m in (None, mask):
+            ref = masked["a"](x, encoder_hidden_states=ctx, attention_mask=m)
+            assert (pruned["a"](x, encoder_hidden_states=ctx, attention_mask=m) - ref).abs().max().item() <= TOL
+
+
 def test_pruned_module_with_group_norm_and_residual_equals_masked():
     attn = _attn(query_dim=32, heads=4, norm_num_groups=4, residual_connection=True, rescale_output_factor=2.0)
     torch.manual_seed(2)
@@ -135,6 +153,7 @@ def test_unstable_heads_are_protected():
     scores["m0"]["score"] = np.array([0.0, 1.0, 2.0, 3.0])
     sel = plan(scores, SelectionParams(head_retention=0.5, stability_threshold=0.25))
     assert sel["protected"]["m0"] == [0, 3]
+    assert sel["instability"]["m0"][0] > 0.25 and sel["instability"]["m0"][1] == 0
     assert 0 not in sel["removed"]["m0"] and sel["removed"]["m0"] == [1, 2]
 
 
