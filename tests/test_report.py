@@ -195,3 +195,24 @@ def test_regression_against_baseline(tmp_path):
     latest = invoke("--run", worse, "--compare", "latest", "--json")
     assert latest.exit_code == 0
     assert json.loads(latest.stdout)["regression"]["baseline"]["path"] == summary["report_dir"]
+
+
+def test_fragment_outside_the_run_and_sweep_inside_it(tmp_path):
+    """The run's own fragment is found through validation.json; sweep points inside the run are not mistaken for it."""
+    import shutil
+
+    run = make_run(tmp_path)
+    outside = tmp_path / "fragments" / "red-circle"
+    shutil.move(str(run / "fragment"), str(outside))
+    v = json.loads((run / "validate" / "validation.json").read_text())
+    v["fragment"] = str(outside)
+    dump(run / "validate" / "validation.json", v)
+    sweep_manifest = json.loads((outside / "manifest.json").read_text())
+    sweep_manifest["name"] = "sweep-point"
+    dump(run / "sweep" / "h50" / "fragment" / "manifest.json", sweep_manifest)
+    dump(run / "sweep" / "h50" / "validate" / "validation.json", validation(0.5, ssim=0.7))
+    r = invoke("--run", run, "--sweep", run / "sweep", "--compare", "none", "--json")
+    assert r.exit_code == 0, r.output
+    inputs = json.loads(r.stdout)["provenance"]["inputs"]
+    assert inputs["manifest"].endswith("red-circle/manifest.json")
+    assert inputs["validation"] == "run1/validate/validation.json"

@@ -73,13 +73,17 @@ class RunFiles:
         return found[0]
 
 
-def _walk(root: Path) -> list[Path]:
-    """Files with a known name under ``root``, at most ``MAX_DEPTH`` folders deep, sorted shallowest first."""
+def _walk(root: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
+    """Files with a known name under ``root``, at most ``MAX_DEPTH`` folders deep, sorted shallowest first.
+
+    Folders in ``exclude`` (the ``--sweep`` folders, when they sit inside the run) are not searched.
+    """
     out = []
     base_depth = len(root.parts)
     for folder, dirs, files in os.walk(root):
         depth = len(Path(folder).parts) - base_depth
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and depth < MAX_DEPTH)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and depth < MAX_DEPTH
+                         and (Path(folder) / d).resolve() not in exclude)
         out.extend(Path(folder) / f for f in files if f in KNOWN)
     return sorted(out, key=lambda p: (len(p.parts), str(p)))
 
@@ -105,7 +109,7 @@ def _pick(sources: list[Source], role: str, notes: list[str]) -> Source | None:
     return sources[0] if sources else None
 
 
-def _scan(root: Path, flag: str) -> tuple[dict[str, list[Source]], list[str]]:
+def _scan(root: Path, flag: str, exclude: tuple[Path, ...] = ()) -> tuple[dict[str, list[Source]], list[str]]:
     """``{file name: [sources]}`` under ``root``, and notes about skipped files."""
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -113,7 +117,7 @@ def _scan(root: Path, flag: str) -> tuple[dict[str, list[Source]], list[str]]:
     root = root.resolve()
     found: dict[str, list[Source]] = {name: [] for name in KNOWN}
     notes: list[str] = []
-    for path in _walk(root):
+    for path in _walk(root, exclude):
         src = _load(path, root, notes)
         if src is not None:
             found[path.name].append(src)
@@ -167,7 +171,7 @@ def sha256_file(path: Path) -> str:
 
 def collect_run(run: Path, sweeps: list[Path] | None = None) -> RunFiles:
     """Search ``run`` (and each ``--sweep`` folder) for frag's files; FragError when nothing is found."""
-    found, notes = _scan(run, "--run")
+    found, notes = _scan(run, "--run", tuple(Path(p).expanduser().resolve() for p in sweeps or []))
     rf = RunFiles(root=Path(run).expanduser().resolve(), notes=notes)
     rf.profile = _pick(found["context.json"], "profile context.json", rf.notes)
     rf.manifest = _pick(found["manifest.json"], "fragment manifest.json", rf.notes)
@@ -177,7 +181,7 @@ def collect_run(run: Path, sweeps: list[Path] | None = None) -> RunFiles:
         rf.manifest = _linked_manifest(found, rf.notes)
         if rf.manifest is not None:
             more, _ = _scan(_folder(rf.manifest), "fragment")
-            found["selection.json"] = more["selection.json"] + found["selection.json"]
+            selections = more["selection.json"] + selections
     if rf.manifest is not None:  # the selection beside the manifest wins
         beside = [s for s in selections if _folder(s) == _folder(rf.manifest)]
         selections = beside + [s for s in selections if s not in beside]
