@@ -93,9 +93,9 @@ class Regression(_Strict):
     phash_abs: float | None = Field(2.0, ge=0)
     pass_rate_abs: float | None = Field(0.05, ge=0)
     reuse_pass_rate_abs: float | None = Field(0.05, ge=0)
-    speedup_rel: float | None = Field(0.10, ge=0)
+    speedup_rel: float | None = Field(0.50, ge=0)
     memory_rel: float | None = Field(0.05, ge=0)
-    peak_memory_rel: float | None = Field(0.10, ge=0)
+    peak_memory_rel: float | None = Field(0.25, ge=0)
     latency_rel: float | None = Field(None, ge=0)
 
 

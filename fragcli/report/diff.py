@@ -34,7 +34,7 @@ RULES: tuple[Rule, ...] = (
     Rule("reuse_pass_rate", "reuse_pass_rate_abs", "higher"),
     Rule("speedup", "speedup_rel", "higher"),
     Rule("fragment_weight_bytes", "memory_rel", "lower"),
-    Rule("fragment_peak_rss_bytes", "peak_memory_rel", "lower"),
+    Rule("fragment_peak_bytes", "peak_memory_rel", "lower"),
     Rule("fragment_cuda_peak_bytes", "peak_memory_rel", "lower"),
     Rule("fragment_per_image_s", "latency_rel", "lower"),
 )

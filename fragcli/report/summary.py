@@ -94,8 +94,8 @@ def memory_block(bench: Source | None, manifest: Source | None, primary: Source 
             break
     if bench is not None:
         out.update({
-            "full_peak_rss_bytes": _num(_d(bench, "full", "peak_rss_bytes")),
-            "fragment_peak_rss_bytes": _num(_d(bench, "fragment", "peak_rss_bytes")),
+            "full_peak_bytes": _num(_d(bench, "full", "peak_bytes_est")),
+            "fragment_peak_bytes": _num(_d(bench, "fragment", "peak_bytes_est")),
             "full_cuda_peak_bytes": _num(_d(bench, "full", "cuda_peak_bytes")),
             "fragment_cuda_peak_bytes": _num(_d(bench, "fragment", "cuda_peak_bytes")),
             "peak_memory_reduction": _num(bench.data.get("peak_memory_reduction")),
@@ -120,7 +120,7 @@ def key_metrics(quality: dict[str, Any], perf: dict[str, Any], memory: dict[str,
         "break_even_images": _num(perf.get("break_even_images")),
         "fragment_weight_bytes": _num(memory.get("fragment_weight_bytes")),
         "weight_reduction": _num(memory.get("weight_reduction")),
-        "fragment_peak_rss_bytes": _num(memory.get("fragment_peak_rss_bytes")),
+        "fragment_peak_bytes": _num(memory.get("fragment_peak_bytes")),
         "fragment_cuda_peak_bytes": _num(memory.get("fragment_cuda_peak_bytes")),
         "peak_memory_reduction": _num(memory.get("peak_memory_reduction")),
     }
