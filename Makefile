@@ -10,7 +10,7 @@ export FRAG_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: setup demo gate baseline test lint clean
+.PHONY: setup demo gate baseline test lint clean train-shapes eval-shapes
 
 setup: $(STAMP)
 
@@ -46,6 +46,15 @@ baseline: gate
 test: setup
 	$(MAKE) --no-print-directory gate
 	$(PY) -m pytest -q
+
+# Retrain the shipped shapes model and judge (about 50 min on 2 cores: two 1-thread processes; see the script).
+train-shapes: setup
+	nice -n 10 $(PY) tools/train_shapes.py --stage pipeline --log reports/train-pipeline.log & \
+	sleep 900; nice -n 10 $(PY) tools/train_shapes.py --stage side --log reports/train-side.log; wait
+	$(PY) tools/train_shapes.py --stage finish
+
+eval-shapes: setup
+	$(PY) tools/eval_shapes.py --json --out reports/shapes_eval.json
 
 lint: setup
 	$(VENV)/bin/ruff check fragcli tests tools

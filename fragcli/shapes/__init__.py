@@ -1,0 +1,56 @@
+"""The built-in "shapes" world: a procedural data set and a small trained text-to-image model.
+
+Import-light: only numpy and PIL (no torch).
+"""
+
+from fragcli.shapes.world import (
+    COLOR_NAMES,
+    COLORS,
+    POSITION_NAMES,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    canonical_caption,
+    captions,
+    class_index,
+    class_of_index,
+    class_texts,
+    heldout_paraphrase_families,
+    heldout_single_scenes,
+    partial_captions,
+    random_training_caption,
+    render,
+    render_array,
+    sample_scene,
+    sample_scenes,
+    split_of,
+    wordings,
+    zero_shot_classes,
+)
+
+__all__ = [
+    "COLORS",
+    "COLOR_NAMES",
+    "POSITION_NAMES",
+    "SHAPES",
+    "SIZES",
+    "Obj",
+    "Scene",
+    "canonical_caption",
+    "captions",
+    "class_index",
+    "class_of_index",
+    "class_texts",
+    "heldout_paraphrase_families",
+    "heldout_single_scenes",
+    "partial_captions",
+    "random_training_caption",
+    "render",
+    "render_array",
+    "sample_scene",
+    "sample_scenes",
+    "split_of",
+    "wordings",
+    "zero_shot_classes",
+]

@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""Evaluate the shipped "shapes" pipeline and judge (``fragcli/models/shapes``, ``fragcli/models/shapes_judge``).
+
+Metrics (all on held-out scenes of the shapes world, see ``fragcli.shapes.world``):
+  judge_zero_shot_accuracy  the judge picks the right "a {colour} {shape}" text among all colour x shape classes
+                            for real (rendered) held-out single-shape images (goal >= 0.90)
+  generation_accuracy       fraction of held-out single-shape prompts (canonical wording) whose generated image the
+                            judge puts in the prompt's colour x shape class (goal >= 0.80); colour and shape
+                            accuracies are reported separately
+  paraphrase_consistency    for held-out paraphrase families (canonical + held-out wordings), the fraction of
+                            families whose wordings (same seed) all land in the same judged class
+  timings                   seconds per image (20 steps + CFG, batch 1, median of repeats) and batched throughput
+
+    python tools/eval_shapes.py --json [--guidance 5] [--n-prompts 200] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from fragcli.shapes import world  # noqa: E402
+
+PIPE_DIR = ROOT / "fragcli" / "models" / "shapes"
+STEPS = 20
+
+
+def versions() -> dict:
+    import diffusers
+    import open_clip
+    import transformers
+
+    return {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "open_clip": open_clip.__version__, "python": sys.version.split()[0]}
+
+
+def load_pipeline(folder: Path = PIPE_DIR):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_judge_model():
+    from fragcli.judge import load_judge
+
+    return load_judge()
+
+
+def default_guidance(folder: Path = PIPE_DIR) -> float:
+    p = folder / "frag.json"
+    return float(json.loads(p.read_text())["default_guidance"]) if p.is_file() else 5.0
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: int = STEPS, batch: int = 40):
+    """One image per prompt, each with its own seeded generator (batch-independent results)."""
+    images = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch]]
+        out = pipe(prompt=prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance,
+                   height=64, width=64, generator=gens)
+        images += out.images
+    return images
+
+
+def judge_zero_shot_accuracy(judge, n: int = 400, seed: int = 0) -> dict:
+    scenes = world.heldout_single_scenes(n, seed=seed)
+    images = [world.render(s) for s in scenes]
+    pred = judge.classify(images, world.class_texts()).tolist()
+    truth = [s.class_index for s in scenes]
+    return _class_stats(pred, truth, prefix="judge_zero_shot")
+
+
+def _class_stats(pred: list[int], truth: list[int], prefix: str) -> dict:
+    n = len(truth)
+    ok = sum(p == t for p, t in zip(pred, truth, strict=True))
+    color_ok = sum(world.class_of_index(p)[0] == world.class_of_index(t)[0] for p, t in zip(pred, truth, strict=True))
+    shape_ok = sum(world.class_of_index(p)[1] == world.class_of_index(t)[1] for p, t in zip(pred, truth, strict=True))
+    return {f"{prefix}_accuracy": ok / n, f"{prefix}_color_accuracy": color_ok / n,
+            f"{prefix}_shape_accuracy": shape_ok / n, f"{prefix}_n": n}
+
+
+def generation_accuracy(pipe, judge, n: int = 200, guidance: float = 5.0, seed: int = 1, steps: int = STEPS) -> dict:
+    scenes = world.heldout_single_scenes(n, seed=seed)
+    prompts = [world.canonical_caption(s) for s in scenes]
+    t0 = time.time()
+    images = generate(pipe, prompts, [seed * 100_000 + i for i in range(n)], guidance, steps)
+    gen_s = time.time() - t0
+    pred = judge.classify(images, world.class_texts()).tolist()
+    out = _class_stats(pred, [s.class_index for s in scenes], prefix="generation")
+    out["generation_batched_seconds_per_image"] = gen_s / n
+    return out
+
+
+def paraphrase_consistency(pipe, judge, n: int = 30, guidance: float = 5.0, seed: int = 0, size: int = 4) -> dict:
+    fams = world.heldout_paraphrase_families(n, seed=seed, size=size)
+    prompts, seeds, owner = [], [], []
+    for f, fam in enumerate(fams):
+        for w in fam:
+            prompts.append(w)
+            seeds.append(7_000_000 + f)  # same seed for every wording of a family
+            owner.append(f)
+    images = generate(pipe, prompts, seeds, guidance)
+    pred = judge.classify(images, world.class_texts()).tolist()
+    truth = [_family_class(fam) for fam in fams]
+    consistent = consistent_correct = 0
+    correct = 0
+    for f in range(len(fams)):
+        cls = {p for p, o in zip(pred, owner, strict=True) if o == f}
+        consistent += len(cls) == 1
+        consistent_correct += cls == {truth[f]}
+        correct += sum(p == truth[f] for p, o in zip(pred, owner, strict=True) if o == f)
+    return {"paraphrase_consistency": consistent / len(fams),
+            "paraphrase_consistent_and_correct": consistent_correct / len(fams),
+            "paraphrase_wording_accuracy": correct / len(prompts), "paraphrase_families": len(fams),
+            "paraphrase_family_size": size}
+
+
+def _family_class(fam: list[str]) -> int:
+    canonical = fam[0]  # "a {size} {colour} {shape} ..." in base words
+    words = canonical.split()
+    color = next(w for w in words if w in world.COLORS)
+    shape = next(w for w in words if w in world.SHAPES)
+    return world.class_index(color, shape)
+
+
+def timings(pipe, guidance: float, repeats: int = 5) -> dict:
+    prompt = "a small red circle at the top left on a blue background"
+    generate(pipe, [prompt], [0], guidance)  # warm-up
+    ts = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        generate(pipe, [prompt], [r], guidance)
+        ts.append(time.perf_counter() - t0)
+    return {"seconds_per_image": statistics.median(ts), "seconds_per_image_min": min(ts),
+            "seconds_per_image_max": max(ts), "timing_repeats": repeats, "torch_threads": torch.get_num_threads(),
+            "steps": STEPS, "guidance": guidance}
+
+
+def evaluate(pipe, judge, guidance: float, n_zero_shot: int = 400, n_prompts: int = 200, n_families: int = 30) -> dict:
+    out: dict = {"guidance": guidance, "steps": STEPS}
+    out.update(judge_zero_shot_accuracy(judge, n_zero_shot))
+    out.update(generation_accuracy(pipe, judge, n_prompts, guidance))
+    out.update(paraphrase_consistency(pipe, judge, n_families, guidance))
+    out.update(timings(pipe, guidance))
+    out["goals"] = {"judge_zero_shot_accuracy": 0.90, "generation_accuracy": 0.80}
+    out["goals_met"] = {k: out[k] >= v for k, v in out["goals"].items()}
+    return out
+
+
+def save_grid(pipe, path: Path, guidance: float, seed: int = 3) -> list[str]:
+    """An 8x3 grid of generated images (held-out single-shape prompts, then two-shape prompts), PNG."""
+    from PIL import Image
+
+    singles = world.heldout_single_scenes(16, seed=seed)
+    import random
+
+    r = random.Random(seed)
+    pairs = [world.sample_scene(r, n_objects=2, split="heldout") for _ in range(8)]
+    prompts = [world.canonical_caption(s) for s in singles + pairs]
+    images = generate(pipe, prompts, list(range(len(prompts))), guidance)
+    cols, rows = 8, 3
+    grid = Image.new("RGB", (cols * 66 + 2, rows * 66 + 2), (255, 255, 255))
+    for i, im in enumerate(images[: cols * rows]):
+        grid.paste(im, (2 + (i % cols) * 66, 2 + (i // cols) * 66))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    big = grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST)
+    big.save(path, optimize=True)
+    if path.stat().st_size > 200_000:  # keep the README asset small
+        grid.save(path, optimize=True)
+    return prompts[: cols * rows]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--guidance", type=float, default=None, help="default: frag.json's default_guidance")
+    p.add_argument("--n-zero-shot", type=int, default=400)
+    p.add_argument("--n-prompts", type=int, default=200)
+    p.add_argument("--n-families", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
+    p.add_argument("--grid", default=None, help="also save a grid of generated images to this PNG")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    guidance = args.guidance if args.guidance is not None else default_guidance()
+    pipe, judge = load_pipeline(), load_judge_model()
+    res = evaluate(pipe, judge, guidance, args.n_zero_shot, args.n_prompts, args.n_families)
+    res["versions"] = {"torch": torch.__version__, **versions()}
+    if args.grid:
+        save_grid(pipe, Path(args.grid), guidance)
+    text = json.dumps(res, indent=2, sort_keys=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        for k, v in res.items():
+            if not isinstance(v, dict):
+                print(f"{k:45s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,660 @@
+#!/usr/bin/env python
+"""Train the built-in "shapes" text-to-image model and its judge, reproducibly, on CPU.
+
+Stages (``--stage``, comma-separated, or a group below):
+  text          a small transformers ``CLIPModel`` (ViT image tower + text tower) trained contrastively; its text
+                tower becomes the pipeline's frozen ``CLIPTextModel``
+  vae           a small ``AutoencoderKL`` (64x64x3 -> 16x16x4); caches the latents of the training images and sets
+                ``scaling_factor`` = 1 / latent std
+  vaedec        fine-tunes the VAE decoder only (encoder, hence the latent space, frozen): can run beside ``unet``
+  unet          a ``UNet2DConditionModel`` (cross-attention in 5 blocks, 4 heads per module) on the latents,
+                v-prediction, cosine schedule, min-SNR-style weighting, 10% caption dropout (CFG), EMA;
+                checkpoints every 250 steps (``--resume``)
+  judge         an independent open_clip CLIP (ModifiedResNet image tower) -> ``fragcli/models/shapes_judge``
+  judge_refine  continues the judge (600 more steps on fresh scenes, lr 5e-4)
+  assemble      the ``StableDiffusionPipeline`` (fp16 safetensors) -> ``fragcli/models/shapes``
+  eval          guidance sweep + ``tools/eval_shapes.py``; writes ``frag.json``, ``training_report.json`` and
+                ``docs/shapes_grid.png``
+
+Groups: ``pipeline`` = text,vae,unet; ``side`` = judge,judge_refine,vaedec; ``finish`` = assemble,eval;
+``all`` = everything in one process (about 85 min on a 2-core CPU). The shipped model was made with two
+processes of one thread each (about 50 min on a shared 2-core machine):
+
+    nice -n 10 python tools/train_shapes.py --stage pipeline --log /tmp/shapes-a.log &
+    sleep 900; nice -n 10 python tools/train_shapes.py --stage side --log /tmp/shapes-b.log &   # needs vae latents
+    wait; python tools/train_shapes.py --stage finish
+
+(``vaedec`` needs the latents written by ``vae``: start ``side`` once ``vae`` is done, or run ``judge,judge_refine``
+at once and ``vaedec`` later.) Intermediate files live in ``tools/out/shapes`` (git-ignored); every stage writes
+``stage-<name>.json`` there. Each process uses ``--threads`` torch threads (default 1: with another busy process
+on a 2-core machine, 2 threads were up to 10x slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import (  # noqa: E402
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from fragcli.shapes import world  # noqa: E402
+
+PIPE_DIR = ROOT / "fragcli" / "models" / "shapes"
+JUDGE_DIR = ROOT / "fragcli" / "models" / "shapes_judge"
+WORK = ROOT / "tools" / "out" / "shapes"
+
+# ---- architecture and schedule (the defaults are the shipped model) -----------------------------------------
+TEXT_HIDDEN = 64
+TEXT_CFG = dict(vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=256, num_hidden_layers=3,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=49407, hidden_act="quick_gelu")
+VISION_CFG = dict(image_size=64, patch_size=8, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                  num_attention_heads=4, hidden_act="quick_gelu")
+VAE_CFG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+               up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), layers_per_block=1,
+               latent_channels=4, norm_num_groups=16, sample_size=64, mid_block_add_attention=False)
+UNET_CFG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=TEXT_HIDDEN, attention_head_dim=4,  # diffusers: attention_head_dim = heads
+                norm_num_groups=16)
+SCHED_CFG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
+JUDGE_MODEL_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16},  # ModifiedResNet
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 4},
+}
+
+console = Console(stderr=True)
+_LOG = None
+
+
+def log(msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    console.print(line, markup=False, highlight=False)
+    if _LOG:
+        with open(_LOG, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                    transient=False, refresh_per_second=2)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def write_stage(name: str, info: dict) -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / f"stage-{name}.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def read_stage(name: str) -> dict | None:
+    p = WORK / f"stage-{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+def make_dataset(n: int, seed: int) -> tuple[list[world.Scene], np.ndarray]:
+    """``n`` train-split scenes (seeded) and their renders as uint8 (n, 64, 64, 3)."""
+    t0 = time.time()
+    scenes = world.sample_scenes(n, seed, split="train", p_single=0.65)
+    arr = np.stack([world.render_array(s) for s in scenes])
+    log(f"rendered {n} train scenes (seed {seed}) in {time.time() - t0:.1f}s")
+    return scenes, arr
+
+
+def to_unit(batch_u8: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(batch_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, texts: list[str]):
+    """Symmetric InfoNCE where identical caption strings in a batch are all positives."""
+    logits = scale * img @ txt.T
+    ids = {}
+    lab = torch.tensor([ids.setdefault(t, len(ids)) for t in texts])
+    pos = (lab[:, None] == lab[None, :]).float()
+    target = pos / pos.sum(1, keepdim=True)
+    return 0.5 * (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+                  + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
+
+
+# ---- stage: text ----------------------------------------------------------------------------------------------
+def stage_text(args) -> None:
+    from transformers import CLIPConfig, CLIPModel
+
+    from fragcli.models.tokenizer import build_clip_tokenizer
+
+    seed_all(args.seed + 1)
+    scenes, images = make_dataset(args.n_images, args.seed + 1)
+    tok = build_clip_tokenizer(WORK / "tokenizer")
+    cfg = CLIPConfig(text_config=TEXT_CFG, vision_config=VISION_CFG, projection_dim=64)
+    model = CLIPModel(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.text_lr, weight_decay=0.05)
+    mean = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
+    r = random.Random(args.seed + 11)
+    losses, t0 = [], time.time()
+    with progress() as prog:
+        task = prog.add_task("text CLIP", total=args.text_steps, info="")
+        for step in range(args.text_steps):
+            set_lr(opt, lr_at(step, args.text_steps, args.text_lr, 30))
+            idx = [r.randrange(len(scenes)) for _ in range(args.text_batch)]
+            texts = [world.random_training_caption(scenes[i], r) for i in idx]
+            enc = tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+            px = (to_unit(images[idx]) * 0.5 + 0.5 - mean) / 0.5
+            out = model(input_ids=enc.input_ids, pixel_values=px)
+            img = F.normalize(out.image_embeds, dim=-1)
+            txt = F.normalize(out.text_embeds, dim=-1)
+            loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp().clamp(max=100), texts)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if step % 10 == 0 or step == args.text_steps - 1:
+                avg = float(np.mean(losses[-20:]))
+                prog.update(task, completed=step + 1, info=f"loss {avg:.3f}")
+                if step % 50 == 0 or step == args.text_steps - 1:
+                    log(f"text step {step} loss {avg:.4f}")
+    elapsed = time.time() - t0
+    out_dir = WORK / "text_clip"
+    model.save_pretrained(out_dir, safe_serialization=True)
+    write_stage("text", {"steps": args.text_steps, "batch": args.text_batch, "lr": args.text_lr, "seconds": elapsed,
+                         "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:])),
+                         "loss_curve": [float(np.mean(losses[i:i + 20])) for i in range(0, len(losses), 20)],
+                         "params_text": sum(p.numel() for p in model.text_model.parameters()),
+                         "params_total": sum(p.numel() for p in model.parameters())})
+    log(f"text stage done in {elapsed:.0f}s -> {out_dir}")
+
+
+def load_text_encoder():
+    from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel
+
+    clip = CLIPModel.from_pretrained(WORK / "text_clip")
+    te = CLIPTextModel(CLIPTextConfig(**TEXT_CFG))
+    te.load_state_dict(clip.text_model.state_dict())
+    return te.eval().requires_grad_(False)
+
+
+# ---- stage: vae -------------------------------------------------------------------------------------------------
+def stage_vae(args) -> None:
+    from diffusers import AutoencoderKL
+
+    seed_all(args.seed + 2)
+    _, images = make_dataset(args.n_images, args.seed + 1)  # the same images as the text stage
+    vae = AutoencoderKL(**VAE_CFG).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 21)
+    losses, t0 = [], time.time()
+    with progress() as prog:
+        task = prog.add_task("VAE", total=args.vae_steps, info="")
+        for step in range(args.vae_steps):
+            set_lr(opt, lr_at(step, args.vae_steps, args.vae_lr, 50, floor=0.02))
+            idx = torch.randint(0, len(images), (args.vae_batch,), generator=g).numpy()
+            x = to_unit(images[idx])
+            post = vae.encode(x).latent_dist
+            z = post.sample(generator=g)
+            y = vae.decode(z).sample
+            rec = F.mse_loss(y, x) + 0.5 * F.l1_loss(y, x)
+            kl = post.kl().mean()
+            loss = rec + args.vae_kl * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(rec))
+            if step % 10 == 0 or step == args.vae_steps - 1:
+                avg = float(np.mean(losses[-20:]))
+                prog.update(task, completed=step + 1, info=f"rec {avg:.4f} kl {float(kl):.0f}")
+                if step % 50 == 0 or step == args.vae_steps - 1:
+                    log(f"vae step {step} rec {avg:.5f} kl {float(kl):.1f}")
+    elapsed = time.time() - t0
+    vae.eval()
+    # latents of the whole training set (posterior means) and the scaling factor
+    lat = []
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            lat.append(vae.encode(to_unit(images[i:i + 256])).latent_dist.mean)
+    lat = torch.cat(lat)
+    std = float(lat.std())
+    scaling = 1.0 / std
+    vae.register_to_config(scaling_factor=scaling)
+    with torch.no_grad():
+        x = to_unit(images[:256])
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        rec_mse = float(F.mse_loss(y, x))
+    vae.save_pretrained(WORK / "vae", safe_serialization=True)
+    torch.save({"latents": lat.half()}, WORK / "latents.pt")
+    write_stage("vae", {"steps": args.vae_steps, "batch": args.vae_batch, "lr": args.vae_lr, "kl_weight": args.vae_kl,
+                        "seconds": elapsed, "rec_first": float(np.mean(losses[:20])),
+                        "rec_last": float(np.mean(losses[-20:])), "recon_mse_eval": rec_mse,
+                        "latent_mean": float(lat.mean()), "latent_std": std, "scaling_factor": scaling,
+                        "loss_curve": [float(np.mean(losses[i:i + 20])) for i in range(0, len(losses), 20)],
+                        "params": sum(p.numel() for p in vae.parameters())})
+    log(f"vae stage done in {elapsed:.0f}s; recon MSE {rec_mse:.5f}; latent std {std:.3f}")
+
+
+# ---- stage: vaedec (decoder fine-tuning; the encoder, hence the latent space, stays frozen) ----------------------
+def stage_vaedec(args) -> None:
+    from diffusers import AutoencoderKL
+
+    seed_all(args.seed + 5)
+    _, images = make_dataset(args.n_images, args.seed + 1)
+    vae = AutoencoderKL.from_pretrained(WORK / "vae")
+    latents = torch.load(WORK / "latents.pt", weights_only=True)["latents"].float()
+    if len(latents) != len(images):
+        raise SystemExit("latent cache does not match --n-images; rerun --stage vae")
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    vae.train()
+    opt = torch.optim.AdamW(params, lr=args.vaedec_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 51)
+    std = float(latents.std())
+    losses, t0 = [], time.time()
+    with progress() as prog:
+        task = prog.add_task("VAE decoder", total=args.vaedec_steps, info="")
+        for step in range(args.vaedec_steps):
+            set_lr(opt, lr_at(step, args.vaedec_steps, args.vaedec_lr, 20, floor=0.02))
+            idx = torch.randint(0, len(images), (args.vae_batch,), generator=g)
+            x = to_unit(images[idx.numpy()])
+            z = latents[idx]
+            z = z + args.vaedec_noise * std * torch.randn(z.shape, generator=g)  # robust to imperfect latents
+            y = vae.decode(z).sample
+            rec = F.mse_loss(y, x) + 0.5 * F.l1_loss(y, x)
+            opt.zero_grad(set_to_none=True)
+            rec.backward()
+            opt.step()
+            losses.append(float(rec.detach()))
+            if step % 10 == 0 or step == args.vaedec_steps - 1:
+                avg = float(np.mean(losses[-20:]))
+                prog.update(task, completed=step + 1, info=f"rec {avg:.4f}")
+                if step % 100 == 0 or step == args.vaedec_steps - 1:
+                    log(f"vaedec step {step} rec {avg:.5f}")
+            if args.vaedec_max_minutes and time.time() - t0 > 60 * args.vaedec_max_minutes:
+                log(f"vaedec: time limit reached at step {step + 1}; stopping")
+                break
+    elapsed = time.time() - t0
+    vae.eval()
+    with torch.no_grad():
+        x = to_unit(images[:256])
+        y = vae.decode(latents[:256]).sample.clamp(-1, 1)
+        rec_mse = float(F.mse_loss(y, x))
+    vae.save_pretrained(WORK / "vae", safe_serialization=True)
+    write_stage("vaedec", {"steps": step + 1, "batch": args.vae_batch, "lr": args.vaedec_lr,
+                           "latent_noise": args.vaedec_noise, "seconds": elapsed,
+                           "rec_first": float(np.mean(losses[:20])), "rec_last": float(np.mean(losses[-20:])),
+                           "recon_mse_eval": rec_mse,
+                           "loss_curve": [float(np.mean(losses[i:i + 20])) for i in range(0, len(losses), 20)]})
+    log(f"vaedec stage done in {elapsed:.0f}s; recon MSE {rec_mse:.5f}")
+
+
+# ---- stage: unet -----------------------------------------------------------------------------------------------
+def stage_unet(args) -> None:
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from fragcli.models.tokenizer import build_clip_tokenizer
+
+    seed_all(args.seed + 3)
+    scenes = world.sample_scenes(args.n_images, args.seed + 1, split="train", p_single=0.65)
+    vae_info = read_stage("vae")
+    if vae_info is None:
+        raise SystemExit("run --stage vae first")
+    scaling = vae_info["scaling_factor"]
+    latents = torch.load(WORK / "latents.pt", weights_only=True)["latents"].float() * scaling
+    if len(latents) != len(scenes):
+        raise SystemExit("latent cache does not match --n-images; rerun --stage vae")
+    tok = build_clip_tokenizer(WORK / "tokenizer")
+    te = load_text_encoder()
+    sched = DDIMScheduler(**SCHED_CFG)
+    acp = sched.alphas_cumprod
+    snr = acp / (1 - acp)
+    unet = UNet2DConditionModel(**UNET_CFG).train()
+    ema = UNet2DConditionModel(**UNET_CFG).eval().requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
+    r = random.Random(args.seed + 31)
+    g = torch.Generator().manual_seed(args.seed + 32)
+    start, losses, elapsed_before = 0, [], 0.0
+    ckpt = WORK / "unet_ckpt.pt"
+    if args.resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)  # our own local checkpoint (optimizer state, RNG states)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start, losses, elapsed_before = state["step"], state["losses"], state["elapsed"]
+        r.setstate(state["py_rng"])
+        g.set_state(state["torch_rng"])
+        log(f"resumed UNet training at step {start}")
+    with torch.no_grad():
+        empty = te(tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids)[0]
+
+    def save_ckpt(step, elapsed):
+        torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "losses": losses, "elapsed": elapsed, "py_rng": r.getstate(), "torch_rng": g.get_state()}, ckpt)
+
+    t0 = time.time()
+    step = start
+    with progress() as prog:
+        task = prog.add_task("UNet", total=args.unet_steps, completed=start, info="")
+        for step in range(start, args.unet_steps):
+            set_lr(opt, lr_at(step, args.unet_steps, args.unet_lr, 100, floor=0.05))
+            idx = [r.randrange(len(scenes)) for _ in range(args.unet_batch)]
+            texts = [world.random_training_caption(scenes[i], r) for i in idx]
+            drop = [r.random() < args.cfg_dropout for _ in idx]
+            with torch.no_grad():
+                ids = tok([t for t, d in zip(texts, drop, strict=True) if not d] or [""], padding="max_length", max_length=77,
+                          truncation=True, return_tensors="pt").input_ids
+                enc = te(ids)[0]
+                cond = empty.expand(len(idx), -1, -1).clone()
+                cond[torch.tensor([not d for d in drop])] = enc[: sum(not d for d in drop)]
+            x0 = latents[idx]
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
+            xt = sched.add_noise(x0, noise, t)
+            target = sched.get_velocity(x0, noise, t)
+            pred = unet(xt, t, cond).sample
+            # min-SNR-gamma in x0 terms with weight min(1 + SNR, gamma): v-loss weight min(1, gamma / (1 + SNR)).
+            # (the common min(SNR, gamma) / (SNR + 1) starves the near-zero-SNR steps of the cosine schedule,
+            # which decide the global layout and colours)
+            w = torch.clamp(args.min_snr / (snr[t] + 1), max=1.0)
+            loss = (w * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            decay = min(args.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                    pe.lerp_(p, 1 - decay)
+            losses.append(float(loss.detach()))
+            if step % 10 == 0 or step == args.unet_steps - 1:
+                avg = float(np.mean(losses[-50:]))
+                prog.update(task, completed=step + 1, info=f"loss {avg:.4f}")
+                if step % 100 == 0 or step == args.unet_steps - 1:
+                    log(f"unet step {step} loss {avg:.5f} ({(time.time() - t0) / max(1, step + 1 - start):.2f}s/step)")
+            if (step + 1) % 250 == 0:
+                save_ckpt(step + 1, elapsed_before + time.time() - t0)
+            if args.unet_max_minutes and (elapsed_before + time.time() - t0) > 60 * args.unet_max_minutes:
+                log(f"unet: time limit {args.unet_max_minutes} min reached at step {step + 1}; stopping")
+                break
+    done = step + 1
+    elapsed = elapsed_before + time.time() - t0
+    save_ckpt(done, elapsed)
+    ema.save_pretrained(WORK / "unet", safe_serialization=True)
+    write_stage("unet", {"steps_planned": args.unet_steps, "steps_done": done, "batch": args.unet_batch,
+                         "lr": args.unet_lr, "ema": args.ema, "min_snr_gamma": args.min_snr,
+                         "cfg_dropout": args.cfg_dropout, "seconds": elapsed, "resumed_at_step": start or None,
+                         "loss_weighting": "v-MSE x min(1, gamma / (1 + SNR))",
+                         "loss_first": float(np.mean(losses[:50])), "loss_last": float(np.mean(losses[-50:])),
+                         "loss_curve": [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
+                         "params": sum(p.numel() for p in unet.parameters())})
+    log(f"unet stage done: {done} steps in {elapsed:.0f}s")
+
+
+# ---- stage: assemble ----------------------------------------------------------------------------------------------
+def stage_assemble(args) -> None:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from fragcli.models.tokenizer import build_clip_tokenizer
+
+    tok = build_clip_tokenizer(WORK / "tokenizer")
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(WORK / "vae"), text_encoder=load_text_encoder(), tokenizer=tok,
+        unet=UNet2DConditionModel.from_pretrained(WORK / "unet"), scheduler=DDIMScheduler(**SCHED_CFG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16)
+    tmp = PIPE_DIR.with_name(".shapes.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    # keep files that are not part of the pipeline itself (frag.json, training report)
+    for name in ("frag.json", "training_report.json"):
+        if (PIPE_DIR / name).is_file():
+            shutil.copy2(PIPE_DIR / name, tmp / name)
+    if not (tmp / "frag.json").is_file():
+        (tmp / "frag.json").write_text(json.dumps(frag_json(5.0), indent=2) + "\n")
+    shutil.rmtree(PIPE_DIR, ignore_errors=True)
+    os.replace(tmp, PIPE_DIR)
+    size = sum(f.stat().st_size for f in PIPE_DIR.rglob("*") if f.is_file())
+    write_stage("assemble", {"bytes": size})
+    log(f"pipeline saved to {PIPE_DIR} ({size / 1e6:.1f} MB)")
+
+
+def frag_json(guidance: float) -> dict:
+    return {"name": "shapes", "default_steps": 20, "default_guidance": guidance, "width": 64, "height": 64,
+            "judge": "shapes_judge"}
+
+
+# ---- stage: judge --------------------------------------------------------------------------------------------------
+def stage_judge(args) -> None:
+    import open_clip
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    seed_all(args.seed + 4)
+    prev = read_stage("judge") if args.judge_resume else None
+    round_ = prev.get("rounds", 1) if prev else 0  # continued rounds draw fresh scenes and batches
+    scenes, images = make_dataset(args.judge_images, args.seed + 4 + 100 * round_)
+    model = CLIP(**JUDGE_MODEL_CFG).train()
+    if prev is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(str(JUDGE_DIR / "open_clip_model.safetensors")).items()})
+        log(f"judge: continuing from the shipped weights (round {round_ + 1}, {prev['steps']} steps so far)")
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=JUDGE_MODEL_CFG["text_cfg"]["context_length"])
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.judge_lr, weight_decay=0.05)
+    r = random.Random(args.seed + 41 + 100 * round_)
+    g = torch.Generator().manual_seed(args.seed + 42 + 100 * round_)
+    blur_k = torch.tensor([1.0, 2.0, 1.0])
+    blur_k = (blur_k[:, None] * blur_k[None, :] / 16).expand(3, 1, 3, 3)
+    losses, t0 = [], time.time()
+    with progress() as prog:
+        task = prog.add_task("judge", total=args.judge_steps, info="")
+        for step in range(args.judge_steps):
+            set_lr(opt, lr_at(step, args.judge_steps, args.judge_lr, 50))
+            idx = [r.randrange(len(scenes)) for _ in range(args.judge_batch)]
+            texts = [world.random_training_caption(scenes[i], r, p_partial=0.4) for i in idx]
+            x = to_unit(images[idx]) * 0.5 + 0.5
+            # augmentation: some images blurred and noised (generated images are softer than renders)
+            m = (torch.rand(len(idx), 1, 1, 1, generator=g) < 0.35).float()
+            x = m * F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), blur_k, groups=3) + (1 - m) * x
+            x = (x + 0.03 * torch.rand(len(idx), 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)).clamp(0, 1)
+            x = (x - mean) / std
+            feats_i, feats_t, scale = model(x, tokenizer(texts))
+            loss = multi_positive_clip_loss(feats_i, feats_t, scale.clamp(max=100), texts)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if step % 10 == 0 or step == args.judge_steps - 1:
+                avg = float(np.mean(losses[-20:]))
+                prog.update(task, completed=step + 1, info=f"loss {avg:.3f}")
+                if step % 50 == 0 or step == args.judge_steps - 1:
+                    log(f"judge step {step} loss {avg:.4f}")
+            if args.judge_max_minutes and time.time() - t0 > 60 * args.judge_max_minutes:
+                log(f"judge: time limit reached at step {step + 1}; stopping")
+                break
+    elapsed = time.time() - t0
+    tmp = JUDGE_DIR.with_name(".shapes_judge.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "open_clip_model.safetensors"), metadata={"format": "pt"})
+    os.chmod(tmp / "open_clip_model.safetensors", 0o644)
+    cfg = {"model_cfg": JUDGE_MODEL_CFG,
+           "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+                              "interpolation": "bicubic", "resize_mode": "shortest", "size": 64},
+           "frag": {"name": "shapes_judge", "trained_on": "fragcli.shapes world (train split)",
+                    "seed": args.seed + 4, "rounds": round_ + 1}}
+    (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    shutil.rmtree(JUDGE_DIR, ignore_errors=True)
+    os.replace(tmp, JUDGE_DIR)
+    curve = [float(np.mean(losses[i:i + 20])) for i in range(0, len(losses), 20)]
+    write_stage("judge", {"steps": step + 1 + (prev or {}).get("steps", 0), "batch": args.judge_batch,
+                          "lr": args.judge_lr, "seconds": elapsed + (prev or {}).get("seconds", 0.0),
+                          "rounds": round_ + 1, "round_steps": (prev or {}).get("round_steps", [(prev or {}).get("steps")] if prev else []) + [step + 1],
+                          "loss_first": (prev or {}).get("loss_first", float(np.mean(losses[:20]))),
+                          "loss_last": float(np.mean(losses[-20:])),
+                          "loss_curve": (prev or {}).get("loss_curve", []) + curve,
+                          "params": sum(p.numel() for p in model.parameters()),
+                          "bytes": (JUDGE_DIR / "open_clip_model.safetensors").stat().st_size})
+    log(f"judge stage done in {elapsed:.0f}s -> {JUDGE_DIR}")
+
+
+# ---- stage: eval ---------------------------------------------------------------------------------------------------
+def stage_eval(args) -> None:
+    import eval_shapes
+
+    t0 = time.time()
+    pipe = eval_shapes.load_pipeline()
+    judge = eval_shapes.load_judge_model()
+    sweep = {}
+    for gs in args.guidance_sweep:
+        res = eval_shapes.generation_accuracy(pipe, judge, n=args.sweep_prompts, guidance=gs, seed=1000)
+        sweep[str(gs)] = res["generation_accuracy"]
+        log(f"guidance {gs}: generation accuracy {res['generation_accuracy']:.3f} on {args.sweep_prompts} prompts")
+    best = max(args.guidance_sweep, key=lambda x: (sweep[str(x)], -abs(x - 5.0)))
+    (PIPE_DIR / "frag.json").write_text(json.dumps(frag_json(float(best)), indent=2) + "\n")
+    ev = eval_shapes.evaluate(pipe, judge, guidance=float(best), n_zero_shot=args.eval_zero_shot,
+                              n_prompts=args.eval_prompts, n_families=args.eval_families)
+    ev["guidance_sweep"] = sweep
+    ev["grid"] = {"path": "docs/shapes_grid.png",
+                  "prompts": eval_shapes.save_grid(pipe, ROOT / "docs" / "shapes_grid.png", guidance=float(best))}
+    stages = {name: read_stage(name) for name in ("text", "vae", "vaedec", "unet", "assemble", "judge")}
+    sizes = {
+        "pipeline_bytes": sum(f.stat().st_size for f in PIPE_DIR.rglob("*") if f.is_file()),
+        "judge_bytes": sum(f.stat().st_size for f in JUDGE_DIR.rglob("*") if f.is_file()),
+    }
+    report = {"_type": "frag.shapes_training", "schema_version": 1, "seed": args.seed,
+              "versions": {"torch": torch.__version__, **eval_shapes.versions()},
+              "architecture": {"text": TEXT_CFG, "vision": VISION_CFG, "vae": VAE_CFG, "unet": UNET_CFG,
+                               "scheduler": SCHED_CFG, "judge": JUDGE_MODEL_CFG},
+              "stages": stages, "timings_s": {k: (v or {}).get("seconds") for k, v in stages.items()},
+              "eval_seconds": time.time() - t0, "sizes": sizes, "evaluation": ev, "default_guidance": best}
+    (PIPE_DIR / "training_report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    log(f"eval done in {time.time() - t0:.0f}s: {json.dumps({k: v for k, v in ev.items() if not isinstance(v, (dict, list))})}")
+
+
+def stage_judge_refine(args) -> None:
+    refine = argparse.Namespace(**vars(args))
+    refine.judge_resume, refine.judge_steps, refine.judge_lr = True, args.judge_refine_steps, args.judge_refine_lr
+    stage_judge(refine)
+
+
+STAGES = {"text": stage_text, "vae": stage_vae, "vaedec": stage_vaedec, "unet": stage_unet, "assemble": stage_assemble,
+          "judge": stage_judge, "judge_refine": stage_judge_refine, "eval": stage_eval}
+GROUPS = {"all": ["text", "vae", "judge", "judge_refine", "vaedec", "unet", "assemble", "eval"],
+          "pipeline": ["text", "vae", "unet"], "side": ["judge", "judge_refine", "vaedec"],
+          "finish": ["assemble", "eval"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", default="all",
+                   help="text|vae|vaedec|unet|judge|judge_refine|assemble|eval, comma-separated, or all|pipeline|side|finish")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--log", default=None, help="append log lines to this file")
+    p.add_argument("--n-images", type=int, default=40000)
+    p.add_argument("--text-steps", type=int, default=400)
+    p.add_argument("--text-batch", type=int, default=256)
+    p.add_argument("--text-lr", type=float, default=1e-3)
+    p.add_argument("--vae-steps", type=int, default=700)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-6)
+    p.add_argument("--vaedec-steps", type=int, default=1500)
+    p.add_argument("--vaedec-lr", type=float, default=5e-4)
+    p.add_argument("--vaedec-noise", type=float, default=0.05, help="latent noise (x latent std) while fine-tuning")
+    p.add_argument("--vaedec-max-minutes", type=float, default=11.0)
+    p.add_argument("--unet-steps", type=int, default=2200)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-lr", type=float, default=6e-4)
+    p.add_argument("--unet-max-minutes", type=float, default=30.0, help="stop the UNet stage early (0: no limit)")
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--min-snr", type=float, default=5.0)
+    p.add_argument("--cfg-dropout", type=float, default=0.1)
+    p.add_argument("--resume", action="store_true", help="resume the UNet stage from its last checkpoint")
+    p.add_argument("--judge-images", type=int, default=40000)
+    p.add_argument("--judge-steps", type=int, default=800)
+    p.add_argument("--judge-batch", type=int, default=256)
+    p.add_argument("--judge-lr", type=float, default=1e-3)
+    p.add_argument("--judge-max-minutes", type=float, default=20.0)
+    p.add_argument("--judge-resume", action="store_true",
+                   help="continue training the shipped judge for --judge-steps more steps (fresh scenes, new schedule)")
+    p.add_argument("--judge-refine-steps", type=int, default=600)
+    p.add_argument("--judge-refine-lr", type=float, default=5e-4)
+    p.add_argument("--guidance-sweep", type=float, nargs="+", default=[2.5, 4.0, 6.0])
+    p.add_argument("--sweep-prompts", type=int, default=60)
+    p.add_argument("--eval-zero-shot", type=int, default=400)
+    p.add_argument("--eval-prompts", type=int, default=200)
+    p.add_argument("--eval-families", type=int, default=30)
+    args = p.parse_args(argv)
+    global _LOG
+    _LOG = args.log
+    torch.set_num_threads(args.threads)
+    names = []
+    for part in args.stage.split(","):
+        names += GROUPS.get(part.strip(), [part.strip()])
+    for n in names:
+        if n not in STAGES:
+            p.error(f"unknown stage {n!r}")
+    WORK.mkdir(parents=True, exist_ok=True)
+    log(f"stages {names}; seed {args.seed}; threads {args.threads}")
+    for n in names:
+        t0 = time.time()
+        STAGES[n](args)
+        log(f"stage {n}: {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
