@@ -25,7 +25,7 @@ class GenSettings:
 def check_prompt(prompt: str) -> str:
     text = " ".join((prompt or "").split())
     if not text:
-        raise FragError("the prompt is empty", 'pass a prompt, e.g. frag profile "a red circle on a blue background"')
+        raise FragError("the prompt is empty", 'pass a prompt, e.g. frag profile "a large red circle in the center on a blue background"')
     if any(ord(c) < 32 for c in prompt if c not in "\t\n\r"):
         raise FragError("the prompt contains control characters", "pass plain text")
     return text

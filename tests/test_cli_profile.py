@@ -110,7 +110,7 @@ def test_crash_leaves_nothing_half_written(tmp_path, monkeypatch):
 
 
 def test_help_has_an_example():
-    for cmd in ("profile", "extract", "generate"):
+    for cmd in ("profile", "extract", "generate", "validate", "report"):
         result = run_cli(cmd, "--help")
         assert result.exit_code == 0 and "Example:" in result.output
 

@@ -33,7 +33,7 @@ app = typer.Typer(
     cls=FragGroup,
     name="frag",
     help="frag: build prompt-specific fragments of text-to-image diffusion models.\n\n"
-    "Example: frag profile \"a red circle on a blue background\" --seeds 4",
+    "Example: frag profile \"a large red circle in the center on a blue background\" --seeds 4",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

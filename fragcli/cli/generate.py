@@ -35,7 +35,7 @@ def generate(
     A fragment that is missing, stale (another base model) or corrupt is refused with the reason; frag then runs the
     full model with a warning, or exits 2 with --strict. Writes seed-<n>.png and run.json.
 
-    Example: frag generate "a red circle on a blue background" --fragment auto --seeds 0-31 --batch-size 4
+    Example: frag generate "a large red circle in the center on a blue background" --fragment auto --seeds 0-31 --batch-size 4
     """
     from fragcli.console import err, print_json, warn
     from fragcli.errors import FragError

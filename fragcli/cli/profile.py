@@ -35,7 +35,7 @@ def profile(
 
     Writes profile.parquet, blocks.parquet, context.json and the full model's images.
 
-    Example: frag profile "a red circle on a blue background" --seeds 4 --profile-steps 5
+    Example: frag profile "a large red circle in the center on a blue background" --seeds 4 --profile-steps 5
     """
     from fragcli.console import err, print_json
     from fragcli.generation import check_prompt, resolve_settings
