@@ -17,7 +17,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-err = Console(stderr=True, highlight=False)
+# Piped or logged output (CI, make) gets 120 columns instead of rich's 80, so tables stay readable.
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 
 
 def print_json(obj: Any) -> None:
