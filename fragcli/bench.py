@@ -47,7 +47,7 @@ def run_bench(fragment_dir: Path, variants: int = 32, batch_size: int = 1, repea
     fragment_dir = Path(fragment_dir).resolve()
     manifest = verify_fragment(fragment_dir, None)
     base = manifest.base_model
-    spec = model or (base.name if base.source.startswith("builtin:") else base.source)
+    spec = model or base.spec
     full = load_model(spec, device, dtype)
     frag = load_model(spec, device, dtype)
     load_fragment(frag, fragment_dir)

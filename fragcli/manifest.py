@@ -25,6 +25,13 @@ class BaseModelRef(_Strict):
     dtype: str
     denoiser: str = "unet"
 
+    @property
+    def spec(self) -> str:
+        """The ``--model`` spec that loads this base model."""
+        from fragcli.models import spec_of
+
+        return spec_of({"name": self.name, "source": self.source})
+
 
 class Generation(_Strict):
     prompt: str

@@ -27,11 +27,6 @@ class ValidateOptions:
     show_progress: bool = True
 
 
-def _base_spec(manifest, override: str | None) -> str:
-    base = manifest.base_model
-    return override or (base.name if base.source.startswith("builtin:") else base.source)
-
-
 def _profile_images(profile_dir: Path | None, model_hash: str, s, seeds: list[int]) -> dict[int, Image.Image]:
     """Full-model images the profile already made, where its model and settings match exactly."""
     import json
@@ -80,7 +75,7 @@ def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
     thresholds = load_thresholds(o.thresholds)
     fragment_dir = Path(fragment_dir).resolve()
     manifest = verify_fragment(fragment_dir, None)
-    loaded = load_model(_base_spec(manifest, o.model), o.device, o.dtype)
+    loaded = load_model(o.model or manifest.base_model.spec, o.device, o.dtype)
     if loaded.hash != manifest.base_model.hash:
         raise FragError(f"model {loaded.name} ({loaded.hash[:12]}) is not the fragment's base model "
                         f"({manifest.base_model.hash[:12]})", "pass the fragment's base model with --model")

@@ -29,9 +29,9 @@ def _load_context(profile_dir: Path) -> dict:
 def load_profiled_model(ctx: dict, model: str | None, device: str, dtype: str):
     """The profile's model (or ``--model``), refusing one whose hash differs from the profile's."""
     from fragcli.errors import FragError
-    from fragcli.models import load_model
+    from fragcli.models import load_model, spec_of
 
-    spec = model or (ctx["model"]["name"] if ctx["model"]["source"].startswith("builtin:") else ctx["model"]["source"])
+    spec = model or spec_of(ctx["model"])
     loaded = load_model(spec, device, dtype)
     if loaded.hash != ctx["model"]["hash"]:
         raise FragError(f"model {spec} ({loaded.hash[:12]}) is not the profiled model ({ctx['model']['hash'][:12]})",

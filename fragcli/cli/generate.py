@@ -38,7 +38,6 @@ def generate(
     Example: frag generate "a large red circle in the center on a blue background" --fragment auto --seeds 0-31 --batch-size 4
     """
     from fragcli.console import err, print_json, warn
-    from fragcli.errors import FragError
     from fragcli.generation import check_prompt
     from fragcli.models import default_model
     from fragcli.paths import check_out_dir, reports_dir, safe_name, timestamp
@@ -50,12 +49,9 @@ def generate(
     seed_list = parse_seeds(seeds)
     name = model or _fragment_model(fragment) or default_model()
     target = check_out_dir(Path(out) if out else reports_dir() / safe_name(name) / timestamp() / "generate", overwrite)
-    try:
-        run = run_generation(name, prompt, fragment, seed_list, target, steps=steps, guidance=guidance,
-                             negative_prompt=negative_prompt, width=width, height=height, batch_size=batch_size,
-                             device=device, dtype=dtype, strict=strict, show_progress=not json_out, on_fallback=warn)
-    except FragError:
-        raise
+    run = run_generation(name, prompt, fragment, seed_list, target, steps=steps, guidance=guidance,
+                         negative_prompt=negative_prompt, width=width, height=height, batch_size=batch_size,
+                         device=device, dtype=dtype, strict=strict, show_progress=not json_out, on_fallback=warn)
     if json_out:
         print_json({k: run[k] for k in ("out", "model", "fragment", "fallback_reason", "images_per_min", "total_s")})
         return
@@ -75,4 +71,4 @@ def _fragment_model(fragment: str | None) -> str | None:
         base = read_manifest(Path(fragment)).base_model
     except FragError:
         return None  # refused later, with the reason, by the fallback logic
-    return base.name if base.source.startswith("builtin:") else base.source
+    return base.spec

@@ -14,6 +14,11 @@ SHIPPED = Path(__file__).resolve().parent / "shapes"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+def spec_of(model: dict) -> str:
+    """The ``--model`` spec that loads a recorded model ({name, source}): a built-in's name, else its source."""
+    return model["name"] if str(model["source"]).startswith("builtin:") else model["source"]
+
+
 def default_model() -> str:
     """`shapes` once the trained model ships inside the package, else `tiny`."""
     return "shapes" if (SHIPPED / "model_index.json").is_file() else "tiny"
