@@ -94,6 +94,10 @@ def test_judge_zero_shot_on_heldout_renders(judge):
 
 
 def test_generated_red_circle_matches_its_caption(pipe, judge):
-    img = _gen(pipe, "a red circle", seed=0, steps=10)
-    s = judge.score([img, img], ["a red circle", "a blue square"])
-    assert s[0] > s[1], s.tolist()
+    """Over three seeds, the judge prefers the prompt's own caption to "a blue square" (majority and on average)."""
+    margins = []
+    for seed in range(3):
+        img = _gen(pipe, "a red circle", seed=seed, steps=10)
+        s = judge.score([img, img], ["a red circle", "a blue square"])
+        margins.append(float(s[0] - s[1]))
+    assert sum(m > 0 for m in margins) >= 2 and sum(margins) > 0, margins
