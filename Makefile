@@ -28,7 +28,7 @@ demo: setup
 	$(FRAG) validate fragments/demo --seeds 20 --out $(RUN)/validate --overwrite
 	$(FRAG) generate "$(PROMPT)" --fragment auto --seeds 0-7 --batch-size 4 --out $(RUN)/generate --overwrite
 	$(PY) tools/bench.py fragments/demo --variants 32 --out $(RUN)/bench/bench.json
-	$(PY) tools/sweep.py $(RUN)/profile --retentions 0.9,0.8,0.7,0.6,0.5 --seeds 4 --out $(RUN)/sweep --overwrite
+	$(PY) tools/sweep.py $(RUN)/profile --retentions 0.9,0.8,0.7,0.6,0.5 --seeds 8 --out $(RUN)/sweep --overwrite
 	$(FRAG) report --run $(RUN) --sweep $(RUN)/sweep --compare none --out $(RUN)/report --overwrite
 
 # The CI regression gate: the same chain at small settings, compared with the committed baseline.
