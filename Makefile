@@ -10,7 +10,7 @@ export FRAG_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: setup demo gate baseline test lint clean train-shapes eval-shapes
+.PHONY: setup demo gate baseline test lint clean train-shapes eval-shapes formats
 
 setup: $(STAMP)
 
@@ -25,10 +25,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(FRAG) profile "$(PROMPT)" --seeds 8 --out $(RUN)/profile --overwrite
 	$(FRAG) extract $(RUN)/profile --head-retention 0.7 --out fragments/demo --overwrite
-	$(FRAG) validate fragments/demo --seeds 20 --out $(RUN)/validate --overwrite
+	$(FRAG) validate fragments/demo --seeds 20 --profile $(RUN)/profile --out $(RUN)/validate --overwrite
 	$(FRAG) generate "$(PROMPT)" --fragment auto --seeds 0-7 --batch-size 4 --out $(RUN)/generate --overwrite
-	$(PY) tools/bench.py fragments/demo --variants 32 --out $(RUN)/bench/bench.json
-	$(PY) tools/sweep.py $(RUN)/profile --retentions 0.9,0.8,0.7,0.6,0.5 --seeds 8 --out $(RUN)/sweep --overwrite
+	$(FRAG) bench fragments/demo --variants 32 --repeats 3 --out $(RUN)/bench --overwrite
+	$(FRAG) sweep $(RUN)/profile --values 0.9,0.8,0.7,0.6,0.5 --seeds 8 --out $(RUN)/sweep --overwrite
 	$(FRAG) report --run $(RUN) --sweep $(RUN)/sweep --compare none --out $(RUN)/report --overwrite
 
 # The CI regression gate: the same chain at small settings, compared with the committed baseline.
@@ -36,8 +36,8 @@ demo: setup
 gate: setup
 	$(FRAG) profile "$(PROMPT)" --seeds 8 --out $(GATE)/profile --overwrite
 	$(FRAG) extract $(GATE)/profile --head-retention 0.9 --out $(GATE)/fragment --overwrite
-	$(FRAG) validate $(GATE)/fragment --seeds 8 --paraphrase-seeds 1 --out $(GATE)/validate --overwrite
-	$(PY) tools/bench.py $(GATE)/fragment --variants 4 --out $(GATE)/bench/bench.json
+	$(FRAG) validate $(GATE)/fragment --seeds 8 --paraphrase-seeds 1 --profile $(GATE)/profile --out $(GATE)/validate --overwrite
+	$(FRAG) bench $(GATE)/fragment --variants 4 --repeats 3 --out $(GATE)/bench --overwrite
 	$(FRAG) report --run $(GATE) --compare baseline --gate thresholds.yaml --out $(GATE)/report --overwrite
 
 # Re-record the committed baseline from a fresh gate run (commit reports/baseline afterwards).
@@ -60,6 +60,10 @@ eval-shapes: setup
 
 lint: setup
 	$(VENV)/bin/ruff check fragcli tests tools
+
+# Regenerate docs/FORMATS.md from the models (tests/test_formats.py fails when it is out of date).
+formats: setup
+	$(PY) -m fragcli.formats --write
 
 clean:
 	rm -rf $(RUN) $(GATE) fragments/demo .frag

@@ -1,22 +1,158 @@
-"""Side-by-side benchmark of the full model and a fragment, in ONE process, interleaved (tools/bench.py).
+"""`frag bench`: the full model and a fragment side by side, in ONE process, interleaved; written as bench.json.
 
-Both pipelines stay loaded; variants (seeds of the fragment's prompt) run in chunks of ``batch_size`` in the order
-full, fragment, fragment, full, ... (ABBA) so that drift on a shared machine hits both alike. Per model it records
-wall time per image, images/minute, resident weight bytes, and the activation peak (peak RSS, or CUDA allocated
-memory, above what was resident when the chunk started). H4 is the speedup, H5 the break-even image count.
+Every contender (``runs``: the full model, the fragment; a later peer such as DeepCache is one more entry) stays
+loaded; the variants (seeds of the fragment's prompt) run in chunks of ``batch_size`` in the order A B, B A, ...
+(ABBA; with more contenders the order is reversed on every other chunk) so that drift on a shared machine hits all
+alike. The whole interleaved run is repeated ``repeats`` times; every number is a median over the repeats, with its
+range. Per contender: wall time per image, images/minute, resident weight bytes, the activation peak (peak RSS, or
+CUDA allocated memory, above what was resident when the chunk started), and its ratios against the ``baseline``
+(the full model). H4 reads the fragment's ``speedup``, H5 its ``break_even_images``.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fragcli.errors import FragError
 
+TYPE = "frag.bench"
+SCHEMA_VERSION = 2
+BASELINE = "full"
+FRAGMENT = "fragment"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelRef(_Strict):
+    name: str
+    hash: str = Field(description="SHA-256 of the base model's weights")
+
+
+class Ratios(_Strict):
+    """One contender against the baseline, measured in the same process and the same repeats."""
+
+    speedup: float = Field(description="median over repeats of baseline time / this contender's time (>1: faster)")
+    speedup_range: tuple[float, float] = Field(description="[min, max] of the per-repeat speedups")
+    speedup_per_repeat: list[float] = Field(description="baseline total_s / this total_s, repeat by repeat")
+    weight_reduction: float = Field(description="1 - weight_bytes / the baseline's weight_bytes")
+    peak_memory_reduction: float = Field(description="1 - peak_bytes_est / the baseline's peak_bytes_est")
+
+
+class RunStats(_Strict):
+    """One contender (the full model, the fragment, or a peer) over every repeat."""
+
+    kind: Literal["full", "fragment", "peer"] = Field(description="what was run")
+    description: str = Field("", description="human-readable: the model, the fragment name, or the peer's config")
+    repeats_total_s: list[float] = Field(description="wall seconds for all variants, one entry per repeat")
+    total_s: float = Field(description="median of repeats_total_s")
+    per_image_s: float = Field(description="median over repeats of the per-image seconds (total_s / variants)")
+    per_image_s_range: tuple[float, float] = Field(description="[min, max] of the per-image seconds over repeats")
+    images_per_min: float | None = Field(description="60 / per_image_s")
+    weight_bytes: int = Field(description="bytes of every parameter and buffer of the pipeline's torch components")
+    activation_peak_bytes: int = Field(description="largest rise of peak RSS (CPU) or CUDA allocated bytes above "
+                                                   "what was resident when a chunk started")
+    peak_bytes_est: int = Field(description="weight_bytes + activation_peak_bytes")
+    cuda_peak_bytes: int | None = Field(None, description="torch.cuda.max_memory_allocated over the chunks; null on CPU")
+    params: int = Field(description="parameters of the pipeline's torch components")
+    vs_baseline: Ratios | None = Field(None, description="ratios against runs[baseline]; null for the baseline")
+
+
+class BenchRecord(_Strict):
+    """bench.json: contenders benchmarked side by side in one process; top-level numbers are the fragment's."""
+
+    type_: Literal["frag.bench"] = Field(TYPE, alias="_type")
+    schema_version: Literal[2] = SCHEMA_VERSION
+    frag_version: str = Field("", description="frag version that wrote the record")
+    created: str = Field(description="UTC time, ISO 8601")
+    model: ModelRef = Field(description="the base model")
+    fragment_path: str = Field(description="the benchmarked fragment folder (absolute, on the machine that ran it)")
+    fragment_name: str
+    techniques: list[str] = Field(default_factory=list, description="the fragment's techniques, in order")
+    device: str = Field(description="cpu | cuda | cuda:N")
+    dtype: str = Field(description="fp32 | fp16 | bf16")
+    threads: int | None = Field(None, description="torch CPU threads during the run")
+    variants: int = Field(description="images per contender and repeat (seeds 0..variants-1)")
+    batch_size: int
+    repeats: int = Field(description="repeats of the whole interleaved run; numbers are medians over them")
+    order: Literal["ABBA"] = Field("ABBA", description="contender order per chunk, reversed on every other chunk")
+    prompt: str
+    steps: int
+    width: int
+    height: int
+    baseline: str = Field(BASELINE, description="the runs entry the ratios are against")
+    runs: dict[str, RunStats] = Field(description="contender name -> its numbers; 'full' and 'fragment' always")
+    speedup: float = Field(description="= runs.fragment.vs_baseline.speedup (H4)")
+    speedup_range: tuple[float, float] = Field(description="= runs.fragment.vs_baseline.speedup_range")
+    weight_reduction: float = Field(description="= runs.fragment.vs_baseline.weight_reduction")
+    peak_memory_reduction: float = Field(description="= runs.fragment.vs_baseline.peak_memory_reduction")
+    peak_kind: Literal["cuda_max_allocated", "weights_plus_rss"] = Field(
+        description="what the manifest's peak_vram_* hold: CUDA max allocated, or weights + peak RSS growth (CPU)")
+    profile_cost_s: float = Field(description="the fragment's profiling time (manifest costs)")
+    extract_cost_s: float = Field(description="the fragment's extraction time (manifest costs)")
+    break_even_images: float | None = Field(
+        description="(profile_cost_s + extract_cost_s) / seconds saved per image; null: the fragment is not faster (H5)")
+    versions: dict[str, str] = Field(default_factory=dict, description="frag, torch, diffusers, transformers, python")
+
+    @property
+    def full(self) -> RunStats:
+        return self.runs[self.baseline]
+
+    @property
+    def fragment(self) -> RunStats:
+        return self.runs[FRAGMENT]
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def read_bench(path: Path) -> BenchRecord:
+    """Read and validate a bench.json (version 1, from frag 0.1's tools/bench.py, is migrated in memory)."""
+    from fragcli.paths import read_json
+
+    data = read_json(Path(path), "bench record")
+    if not isinstance(data, dict) or data.get("_type") != TYPE:
+        raise FragError(f"{path} is not a frag bench record", "re-run frag bench")
+    if data.get("schema_version") == 1:
+        data = _migrate_v1(data)
+    try:
+        return BenchRecord.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise FragError(f"bench record {path} is invalid at {where}: {first['msg']}", "re-run frag bench") from None
+
+
+def _migrate_v1(data: dict) -> dict:
+    """Version 1 had top-level ``full``/``fragment`` blocks and one repeat's ratio."""
+    d = dict(data)
+    runs = {}
+    for name in (BASELINE, FRAGMENT):
+        b = d.pop(name)
+        reps = [float(x) for x in b.get("repeats_total_s") or [b["total_s"]]]
+        per = [x / d["variants"] for x in reps]
+        runs[name] = {"kind": name, "repeats_total_s": reps, "total_s": b["total_s"], "per_image_s": b["per_image_s"],
+                      "per_image_s_range": (min(per), max(per)), "images_per_min": b.get("images_per_min"),
+                      **{k: b.get(k) for k in ("weight_bytes", "activation_peak_bytes", "peak_bytes_est",
+                                               "cuda_peak_bytes", "params")}}
+    f = runs[BASELINE]
+    ratios = [a / b for a, b in zip(f["repeats_total_s"], runs[FRAGMENT]["repeats_total_s"], strict=False)]
+    runs[FRAGMENT]["vs_baseline"] = {"speedup": d["speedup"], "speedup_range": (min(ratios), max(ratios)),
+                                     "speedup_per_repeat": ratios, "weight_reduction": d["weight_reduction"],
+                                     "peak_memory_reduction": d["peak_memory_reduction"]}
+    d.update(schema_version=SCHEMA_VERSION, runs=runs, speedup_range=(min(ratios), max(ratios)),
+             peak_kind="weights_plus_rss" if f["cuda_peak_bytes"] is None else "cuda_max_allocated")
+    return d
+
 
 def _chunk_stats(model, s, seeds, advance) -> tuple[float, int, int | None]:
+    import psutil
     import torch
 
     from fragcli.generation import generate
@@ -24,8 +160,6 @@ def _chunk_stats(model, s, seeds, advance) -> tuple[float, int, int | None]:
 
     cuda = model.device.startswith("cuda")
     start_alloc = torch.cuda.memory_allocated() if cuda else 0
-    import psutil
-
     rss0 = psutil.Process().memory_info().rss
     with PeakMemory(model.device) as peak:
         res = generate(model.pipe, s, seeds, model.device, batch_size=len(seeds), advance=advance)
@@ -33,132 +167,130 @@ def _chunk_stats(model, s, seeds, advance) -> tuple[float, int, int | None]:
     return res.total_s, act, peak.cuda_peak
 
 
-def run_bench(fragment_dir: Path, variants: int = 32, batch_size: int = 1, repeats: int = 1, model: str | None = None,
-              device: str = "auto", dtype: str = "auto", steps: int | None = None, show_progress: bool = True) -> dict:
+def _interleaved(models: dict[str, Any], s, variants: int, batch_size: int, repeats: int, advance) -> dict[str, dict]:
+    """Times per repeat and activation/CUDA peaks of every contender, run ABBA-interleaved after one warm-up each."""
+    names = list(models)
+    seeds = list(range(variants))
+    chunks = [seeds[i : i + batch_size] for i in range(0, variants, batch_size)]
+    out = {n: {"times": [], "act": 0, "cuda": None} for n in names}
+    for name in names:  # warm-up, not counted
+        _chunk_stats(models[name], s, [10_000], advance)
+    for r in range(repeats):
+        rep = dict.fromkeys(names, 0.0)
+        for i, chunk in enumerate(chunks):
+            for name in names if (i + r) % 2 == 0 else names[::-1]:
+                t, a, c = _chunk_stats(models[name], s, chunk, advance)
+                rep[name] += t
+                out[name]["act"] = max(out[name]["act"], a)
+                if c is not None:
+                    out[name]["cuda"] = max(out[name]["cuda"] or 0, c)
+        for name in names:
+            out[name]["times"].append(rep[name])
+    return out
+
+
+def _stats(kind: str, description: str, m: dict, pipe, variants: int) -> RunStats:
+    from fragcli.memory import param_count, weight_bytes
+
+    per = [t / variants for t in m["times"]]
+    median = statistics.median(per)
+    wb = weight_bytes(pipe)
+    return RunStats(kind=kind, description=description, repeats_total_s=m["times"], total_s=statistics.median(m["times"]),
+                    per_image_s=median, per_image_s_range=(min(per), max(per)),
+                    images_per_min=60.0 / median if median > 0 else None, weight_bytes=wb,
+                    activation_peak_bytes=m["act"], peak_bytes_est=wb + m["act"], cuda_peak_bytes=m["cuda"],
+                    params=param_count(pipe))
+
+
+def _ratios(run: RunStats, base: RunStats) -> Ratios:
+    per = [b / t for b, t in zip(base.repeats_total_s, run.repeats_total_s, strict=True)]
+    return Ratios(speedup=statistics.median(per), speedup_range=(min(per), max(per)), speedup_per_repeat=per,
+                  weight_reduction=1 - run.weight_bytes / base.weight_bytes,
+                  peak_memory_reduction=1 - run.peak_bytes_est / base.peak_bytes_est)
+
+
+def check_bench_args(variants: int, batch_size: int, repeats: int, steps: int | None) -> None:
+    for name, value in (("--variants", variants), ("--batch-size", batch_size), ("--repeats", repeats)):
+        if value < 1:
+            raise FragError(f"{name} must be at least 1 (got {value})", f"pass {name} 1 or more")
+    if steps is not None and steps < 1:
+        raise FragError(f"--steps must be at least 1 (got {steps})", "pass --steps 1 or more")
+
+
+def run_bench(fragment_dir: Path, variants: int = 32, batch_size: int = 1, repeats: int = 3, model: str | None = None,
+              device: str = "auto", dtype: str = "auto", steps: int | None = None,
+              show_progress: bool = True) -> BenchRecord:
+    """Benchmark ``fragment_dir`` against its base model; returns the record (nothing is written)."""
+    import torch
+
+    from fragcli import __version__
     from fragcli.console import progress
     from fragcli.fragment import load_fragment, verify_fragment
     from fragcli.generation import resolve_settings
-    from fragcli.memory import param_count, weight_bytes
     from fragcli.models import load_model
     from fragcli.profiling.run import versions
 
-    if variants < 1 or batch_size < 1 or repeats < 1:
-        raise FragError("--variants, --batch-size and --repeats must be at least 1", "pass positive numbers")
+    check_bench_args(variants, batch_size, repeats, steps)
     fragment_dir = Path(fragment_dir).resolve()
     manifest = verify_fragment(fragment_dir, None)
-    base = manifest.base_model
-    spec = model or base.spec
+    spec = model or manifest.base_model.spec
     full = load_model(spec, device, dtype)
     frag = load_model(spec, device, dtype)
     load_fragment(frag, fragment_dir)
-    g = manifest.generation
+    g = manifest.profiling
     s = resolve_settings(full, g.prompt, steps or g.steps, g.guidance, g.width, g.height, g.negative_prompt)
-    seeds = list(range(variants))
-    chunks = [seeds[i : i + batch_size] for i in range(0, variants, batch_size)]
-    times = {"full": [], "fragment": []}
-    act = {"full": 0, "fragment": 0}
-    cuda_peak = {"full": None, "fragment": None}
-    models = {"full": full, "fragment": frag}
-    total = (2 + 2 * variants * repeats) * s.steps
-    with progress("benchmark (full and fragment, interleaved)", total, show_progress) as adv:
-        for name in ("full", "fragment"):  # warm-up, not counted
-            _chunk_stats(models[name], s, [10_000], adv)
-        for r in range(repeats):
-            rep = {"full": 0.0, "fragment": 0.0}
-            for i, chunk in enumerate(chunks):
-                order = ("full", "fragment") if (i + r) % 2 == 0 else ("fragment", "full")
-                for name in order:
-                    t, a, c = _chunk_stats(models[name], s, chunk, adv)
-                    rep[name] += t
-                    act[name] = max(act[name], a)
-                    if c is not None:
-                        cuda_peak[name] = max(cuda_peak[name] or 0, c)
-            for name in rep:
-                times[name].append(rep[name])
-
-    def block(name: str) -> dict:
-        total_s = statistics.median(times[name])
-        per = total_s / variants
-        wb = weight_bytes(models[name].pipe)
-        return {"total_s": total_s, "repeats_total_s": times[name], "per_image_s": per,
-                "images_per_min": 60.0 / per if per > 0 else None, "weight_bytes": wb,
-                "activation_peak_bytes": act[name], "peak_bytes_est": wb + act[name],
-                "cuda_peak_bytes": cuda_peak[name], "params": param_count(models[name].pipe)}
-
-    f, x = block("full"), block("fragment")
+    models = {BASELINE: full, FRAGMENT: frag}
+    total = (len(models) + len(models) * variants * repeats) * s.steps
+    label = ", ".join(models)
+    with progress(f"benchmark ({label}; interleaved, {repeats} repeat(s))", total, show_progress) as adv:
+        measured = _interleaved(models, s, variants, batch_size, repeats, adv)
+    base = _stats("full", f"{full.name} (full model)", measured[BASELINE], full.pipe, variants)
+    runs = {BASELINE: base,
+            FRAGMENT: _stats("fragment", manifest.name, measured[FRAGMENT], frag.pipe, variants)}
+    for name, run in runs.items():
+        if name != BASELINE:
+            run.vs_baseline = _ratios(run, base)
+    x = runs[FRAGMENT]
+    ratios = x.vs_baseline
     costs = manifest.costs
-    build_s = float(costs.get("profile_s", 0.0)) + float(costs.get("extract_s", 0.0))
-    saved = f["per_image_s"] - x["per_image_s"]
-    return {
-        "_type": "frag.bench",
-        "schema_version": 1,
-        "model": {"name": full.name, "hash": full.hash},
-        "fragment_path": str(fragment_dir),
-        "fragment_name": manifest.name,
-        "device": full.device,
-        "dtype": full.dtype,
-        "variants": variants,
-        "batch_size": batch_size,
-        "repeats": repeats,
-        "prompt": s.prompt,
-        "steps": s.steps,
-        "width": s.width,
-        "height": s.height,
-        "full": f,
-        "fragment": x,
-        "speedup": f["per_image_s"] / x["per_image_s"],
-        "weight_reduction": 1 - x["weight_bytes"] / f["weight_bytes"],
-        "peak_memory_reduction": 1 - x["peak_bytes_est"] / f["peak_bytes_est"],
-        "profile_cost_s": float(costs.get("profile_s", 0.0)),
-        "extract_cost_s": float(costs.get("extract_s", 0.0)),
-        "break_even_images": build_s / saved if saved > 0 else None,
-        "versions": versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    saved = base.per_image_s - x.per_image_s
+    return BenchRecord(
+        frag_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model=ModelRef(name=full.name, hash=full.hash), fragment_path=str(fragment_dir), fragment_name=manifest.name,
+        techniques=[t.name for t in manifest.techniques], device=full.device, dtype=full.dtype,
+        threads=torch.get_num_threads(), variants=variants, batch_size=batch_size, repeats=repeats, prompt=s.prompt,
+        steps=s.steps, width=s.width, height=s.height, runs=runs, speedup=ratios.speedup,
+        speedup_range=ratios.speedup_range, weight_reduction=ratios.weight_reduction,
+        peak_memory_reduction=ratios.peak_memory_reduction,
+        peak_kind="weights_plus_rss" if base.cuda_peak_bytes is None else "cuda_max_allocated",
+        profile_cost_s=costs.profile_s, extract_cost_s=costs.extract_s,
+        break_even_images=(costs.profile_s + costs.extract_s) / saved if saved > 0 else None, versions=versions())
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="tools/bench.py",
-        description="Benchmark a fragment against its full model side by side, in one process (writes bench.json).",
-        epilog="Example: python tools/bench.py fragments/demo --variants 32 --out reports/demo/bench/bench.json",
-    )
-    ap.add_argument("fragment", type=Path, help="fragment folder (frag extract)")
-    ap.add_argument("--variants", type=int, default=32, help="images per model (seeds 0..N-1 of the prompt)")
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=1, help="repeat the whole interleaved run; the median is kept")
-    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the fragment's)")
-    ap.add_argument("--model", default=None, help="base model (default: the fragment's)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--out", type=Path, default=None, help="bench.json path (default: <fragment>/bench.json)")
-    ap.add_argument("--no-manifest", action="store_true", help="do not write the performance block into the manifest")
-    ap.add_argument("--json", action="store_true", help="print bench.json to stdout")
-    args = ap.parse_args(argv)
+def performance_block(result: BenchRecord | dict) -> dict:
+    """The manifest's ``performance`` block (design names) from a bench record."""
+    rec = result if isinstance(result, BenchRecord) else BenchRecord.model_validate(
+        _migrate_v1(result) if result.get("schema_version") == 1 else result)
+    f, x = rec.full, rec.fragment
+    cuda = rec.peak_kind == "cuda_max_allocated"
+    mb = 2**20
+    peak = (lambda r: r.cuda_peak_bytes) if cuda else (lambda r: r.peak_bytes_est)
+    return {"speedup": rec.speedup, "weight_reduction": rec.weight_reduction,
+            "peak_memory_reduction": rec.peak_memory_reduction, "break_even_images": rec.break_even_images,
+            "variants": rec.variants, "device": rec.device, "latency_full_ms": 1000 * f.per_image_s,
+            "latency_fragment_ms": 1000 * x.per_image_s, "peak_vram_full_mb": peak(f) / mb,
+            "peak_vram_fragment_mb": peak(x) / mb, "peak_kind": rec.peak_kind}
 
-    from fragcli.console import err, print_json
+
+def write_bench(record: BenchRecord, out: Path, fragment_dir: Path | None = None) -> Path:
+    """``out``/bench.json, atomically (the folder is staged and swapped in); with ``fragment_dir``, also the
+    manifest's performance block. Returns the bench.json path."""
     from fragcli.manifest import update_manifest
-    from fragcli.paths import atomic_write_json
+    from fragcli.paths import atomic_write_json, staged_dir
 
-    try:
-        result = run_bench(args.fragment, args.variants, args.batch_size, args.repeats, args.model, args.device,
-                           args.dtype, args.steps, show_progress=not args.json)
-        out = args.out or Path(args.fragment) / "bench.json"
-        atomic_write_json(out, result)
-        if not args.no_manifest:
-            keys = ("speedup", "weight_reduction", "peak_memory_reduction", "break_even_images", "variants", "device")
-            update_manifest(Path(args.fragment), performance={**{k: result[k] for k in keys}, "bench": str(out)})
-    except FragError as exc:
-        err.print(f"error: {exc.one_line()}")
-        return exc.code
-    if args.json:
-        print_json(result)
-    else:
-        f, x = result["full"], result["fragment"]
-        be = result["break_even_images"]
-        err.print(f"full {f['per_image_s']:.3f} s/image, fragment {x['per_image_s']:.3f} s/image: speedup "
-                  f"x{result['speedup']:.2f}; weights {-result['weight_reduction']:+.1%}; peak (weights+activations) "
-                  f"{-result['peak_memory_reduction']:+.1%}; break-even "
-                  f"{'never' if be is None else f'{be:.1f} images'}")
-        print(f"bench written to {out}")
-    return 0
+    out = Path(out)
+    with staged_dir(out) as tmp:
+        atomic_write_json(tmp / "bench.json", record.dump())
+    if fragment_dir is not None:
+        update_manifest(Path(fragment_dir), performance=performance_block(record))
+    return out / "bench.json"

@@ -1,4 +1,9 @@
-"""Fragments on disk: build (`extract`), verify and load (`load_fragment`), find (`--fragment auto`)."""
+"""Fragments on disk: build (``frag extract``), verify and load (``load_fragment``), find (``--fragment auto``).
+
+Nothing here knows a technique: a fragment is an ordered stack of technique entries (manifest ``techniques``) plus
+a generic state-dict delta (``fragment.safetensors``: the tensors changed or added, with their dtypes) and any plan
+records the techniques wrote (e.g. ``selection.json``).
+"""
 
 from __future__ import annotations
 
@@ -8,62 +13,83 @@ from pathlib import Path
 from fragcli import __version__
 from fragcli.errors import FragError
 from fragcli.manifest import (
+    WEIGHTS,
     Artifact,
     BaseModelRef,
-    Generation,
+    Costs,
     Manifest,
-    Pruning,
+    Profiling,
+    TechniqueEntry,
+    WeightDelta,
     read_manifest,
     write_manifest,
 )
 from fragcli.memory import param_count, weight_bytes
 from fragcli.models.hashing import sha256_file
 from fragcli.paths import atomic_write_json, fragments_dir, inside, staged_dir
-from fragcli.techniques import HeadPruneConfig, apply_technique
-from fragcli.techniques.head_prune import heads_per_module, pruned_tensor_names
+from fragcli.techniques.base import Plan
+from fragcli.techniques.stack import (
+    Step,
+    apply_stack,
+    check_stack,
+    rebuild_stack,
+    snapshot,
+    state_diff,
+    steps_from_entries,
+)
 
-WEIGHTS = "fragment.safetensors"
-SELECTION = "selection.json"
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
-def build_fragment(model, context: dict, selection: dict, out: Path, name: str, costs: dict) -> Manifest:
-    """Prune ``model`` in place by ``selection`` and write the fragment folder ``out`` atomically."""
+def plan_steps(plans: list[Plan]) -> list[Step]:
+    from fragcli.techniques import REGISTRY
+
+    return [Step(REGISTRY.for_config(p.config), p.config) for p in plans]
+
+
+def build_fragment(model, context: dict, plans: list[Plan], out: Path, name: str, costs: dict,
+                   context_sha256: str | None = None) -> Manifest:
+    """Apply ``plans`` (checked as a whole first) to ``model`` in place and write the fragment folder ``out``."""
     from safetensors.torch import save_file
 
-    den = model.denoiser
+    den, prefix = model.denoiser, model.denoiser_name
     before_params, before_bytes = param_count(model.pipe), weight_bytes(model.pipe)
-    removed = {m: r for m, r in selection["removed"].items() if r}
-    pruned = apply_technique(den, HeadPruneConfig(removed))
+    before = snapshot(den)
+    steps = apply_stack(den, plan_steps(plans))
+    changed, added, removed = state_diff(before, den)
     state = den.state_dict()
-    prefix = model.denoiser_name
-    delta = {f"{prefix}.{k}": state[k].detach().contiguous().cpu() for k in pruned_tensor_names(den, pruned)}
-    p = selection["params"]
+    delta = {f"{prefix}.{k}": state[k].detach().contiguous().cpu() for k in changed + added}
+    after_params = param_count(model.pipe)
     with staged_dir(out) as tmp:
-        save_file(delta, str(tmp / WEIGHTS), metadata={"format": "pt", "frag": __version__})
-        atomic_write_json(tmp / SELECTION, selection)
-        artifacts = {f: Artifact(sha256=sha256_file(tmp / f), bytes=(tmp / f).stat().st_size) for f in (WEIGHTS, SELECTION)}
+        files = []
+        if delta:
+            save_file(delta, str(tmp / WEIGHTS), metadata={"format": "pt", "frag": __version__})
+            files.append(WEIGHTS)
+        for plan in plans:
+            if plan.record is not None and plan.file:
+                atomic_write_json(inside(tmp, plan.file), plan.record)
+                files.append(plan.file)
+        artifacts = {f: Artifact(sha256=sha256_file(tmp / f), bytes=(tmp / f).stat().st_size) for f in files}
+        weights = None
+        if delta or removed:
+            weights = WeightDelta(file=WEIGHTS if delta else None, changed=[f"{prefix}.{k}" for k in changed],
+                                  added=[f"{prefix}.{k}" for k in added], removed=[f"{prefix}.{k}" for k in removed])
         manifest = Manifest(
             frag_version=__version__,
             name=name,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             base_model=BaseModelRef(**{k: context["model"][k] for k in ("name", "source", "hash", "dtype", "denoiser")}),
-            generation=Generation(
+            profiling=Profiling(
                 prompt=context["prompt"], negative_prompt=context.get("negative_prompt", ""),
-                text_embedding_hash=context.get("text_embedding_hash"), seeds=context["seeds"], steps=context["steps"],
-                profiled_steps=context["profiled_steps"], guidance=context["guidance"], width=context["width"],
-                height=context["height"], profile_dir=context.get("profile_dir"),
+                prompt_embedding_hash=context.get("text_embedding_hash"), seeds=context["seeds"],
+                steps=context["steps"], profiled_steps=context["profiled_steps"], guidance=context["guidance"],
+                width=context["width"], height=context["height"], context_sha256=context_sha256,
             ),
-            pruning=Pruning(
-                score=p["score"], heads_removed=removed, heads_total=selection["heads_total"],
-                heads_kept=selection["heads_total"] - selection["heads_removed"], head_retention=p["head_retention"],
-                achieved_retention=selection["achieved_retention"], per_module=p["per_module"],
-                safety_margin=p["safety_margin"], stability_threshold=p["stability_threshold"],
-            ),
-            structure=heads_per_module(den),
-            params={"before": before_params, "after": param_count(model.pipe),
-                    "removed": before_params - param_count(model.pipe)},
+            techniques=[TechniqueEntry.model_validate(s.entry()) for s in steps],
+            weights=weights,
+            params={"before": before_params, "after": after_params, "removed": before_params - after_params},
             weight_bytes={"before": before_bytes, "after": weight_bytes(model.pipe)},
-            costs=costs,
+            costs=Costs(**costs),
             artifacts=artifacts,
         )
         write_manifest(tmp, manifest)
@@ -76,8 +102,10 @@ def verify_fragment(folder: Path, model_hash: str | None) -> Manifest:
     if not folder.is_dir():
         raise FragError(f"fragment folder {folder} does not exist", "pass a folder written by frag extract")
     manifest = read_manifest(folder)
-    if WEIGHTS not in manifest.artifacts:
-        raise FragError(f"manifest in {folder} lists no {WEIGHTS}", "rebuild the fragment with frag extract")
+    w = manifest.weights
+    if w is not None and w.file and w.file not in manifest.artifacts:
+        raise FragError(f"manifest in {folder} lists no artifact for its weights {w.file}",
+                        "rebuild the fragment with frag extract")
     for rel, art in manifest.artifacts.items():
         path = inside(folder, rel)
         if not path.is_file():
@@ -105,13 +133,70 @@ def _model_hash(pipe) -> str | None:
     return None
 
 
+def _read_delta(folder: Path, manifest: Manifest, device) -> dict:
+    from safetensors.torch import load_file
+
+    w = manifest.weights
+    if w is None or not w.file:
+        return {}
+    try:
+        delta = load_file(str(inside(folder, w.file)), device=str(device))
+    except Exception as exc:  # SafetensorError for a damaged file whose hash was recorded damaged
+        raise FragError(f"fragment weights {w.file} cannot be read ({str(exc).splitlines()[0][:100]})",
+                        "rebuild the fragment with frag extract") from None
+    expected = set(w.changed) | set(w.added)
+    if set(delta) != expected:
+        diff = sorted(set(delta) ^ expected)[:3]
+        raise FragError(f"fragment {manifest.name}: tensors {diff} in {w.file} do not match the manifest",
+                        "rebuild the fragment with frag extract")
+    return delta
+
+
+def _compatible(stored, target) -> bool:
+    """Float tensors follow the denoiser's float dtype; anything else (int8, fp8) must match exactly."""
+    s, t = str(stored).replace("torch.", ""), str(target).replace("torch.", "")
+    return s == t or (s in FLOAT_DTYPES and t in FLOAT_DTYPES)
+
+
+def check_delta(den, meta, manifest: Manifest, delta: dict, prefix: str) -> None:
+    """The rebuilt (meta) structure against the delta's keys, shapes and dtypes, and the rest against the base."""
+    name = manifest.name
+    base = {k: (tuple(t.shape), t.dtype) for k, t in den.state_dict().items()}
+    rebuilt = {k: (tuple(t.shape), t.dtype) for k, t in meta.state_dict().items()}
+    strip = len(prefix) + 1
+    for key in manifest.weights.removed if manifest.weights else []:
+        if key[strip:] in rebuilt:
+            raise FragError(f"fragment {name}: tensor {key} should be removed but the rebuilt structure has it",
+                            "rebuild the fragment with frag extract")
+    for key, tensor in delta.items():
+        if not key.startswith(prefix + "."):
+            raise FragError(f"fragment tensor {key} is not part of the {prefix}", "rebuild the fragment with frag extract")
+        want = rebuilt.get(key[strip:])
+        if want is None:
+            raise FragError(f"fragment tensor {key} has no place in the rebuilt structure",
+                            "rebuild the fragment with frag extract")
+        if tuple(tensor.shape) != want[0]:
+            raise FragError(f"fragment tensor {key} has shape {tuple(tensor.shape)}, the rebuilt structure "
+                            f"{want[0]}", "rebuild the fragment with frag extract")
+        if not _compatible(tensor.dtype, want[1]):
+            raise FragError(f"fragment tensor {key} is {tensor.dtype}, the rebuilt structure expects {want[1]}",
+                            "rebuild the fragment with frag extract")
+    for key, (shape, dtype) in rebuilt.items():
+        if f"{prefix}.{key}" in delta:
+            continue
+        if base.get(key) != (shape, dtype):
+            raise FragError(f"fragment {name}: rebuilt tensor {prefix}.{key} {shape} is neither in the delta nor "
+                            "unchanged from the base model", "rebuild the fragment with frag extract")
+
+
 def load_fragment(pipe, folder: str | Path, model_hash: str | None = None):
-    """Verify ``folder`` against ``pipe``'s base model, rebuild the pruned structure, load the delta strictly.
+    """Verify ``folder`` against ``pipe``'s base model, check the rebuilt structure on a meta copy, then rebuild
+    the real denoiser and load the delta. A refusal (FragError) leaves the pipeline untouched.
 
     ``pipe`` is a diffusers pipeline (or a ``LoadedModel``); returns the pipeline, ready to run. Nothing is unpickled:
     weights come from safetensors only.
     """
-    from safetensors.torch import load_file
+    import torch
 
     loaded = pipe if hasattr(pipe, "pipe") else None
     if loaded is not None:
@@ -121,30 +206,23 @@ def load_fragment(pipe, folder: str | Path, model_hash: str | None = None):
         raise FragError("cannot tell which model this pipeline is", "load it with fragcli.models.load_model, or pass model_hash=")
     folder = Path(folder)
     manifest = verify_fragment(folder, model_hash)
-    denoiser_name = manifest.base_model.denoiser
-    den = getattr(pipe, denoiser_name)
+    prefix = manifest.base_model.denoiser
+    den = getattr(pipe, prefix, None)
+    if not isinstance(den, torch.nn.Module):
+        raise FragError(f"this pipeline has no {prefix} for fragment {manifest.name}", "pass the fragment's base model")
     if getattr(pipe, "_frag_fragment", None):
         raise FragError("this pipeline already has a fragment loaded", "load the base model again first")
-    delta = load_file(str(inside(folder, WEIGHTS)))
-    removed = manifest.pruning.heads_removed
-    apply_technique(den, HeadPruneConfig(removed))
+    steps = steps_from_entries(manifest.techniques)
+    device = next(den.parameters()).device
+    delta = _read_delta(folder, manifest, device)
+    check_delta(den, check_stack(den, steps), manifest, delta, prefix)
     pipe._frag_fragment = manifest.name  # from here on the pipeline is modified
-    if heads_per_module(den) != manifest.structure:
-        raise FragError(f"fragment {manifest.name}: rebuilt structure differs from the manifest", "rebuild the fragment")
+    rebuild_stack(den, steps)
     state = den.state_dict()
-    expected = {f"{denoiser_name}.{k}" for k in pruned_tensor_names(den, [m for m, r in removed.items() if r])}
-    if set(delta) != expected:
-        raise FragError(f"fragment {manifest.name}: tensors {sorted(set(delta) ^ expected)[:3]} do not match the structure",
-                        "rebuild the fragment with frag extract")
-    import torch
-
     with torch.no_grad():
         for key, tensor in delta.items():
-            target = state[key[len(denoiser_name) + 1 :]]
-            if target.shape != tensor.shape:
-                raise FragError(f"fragment tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}",
-                                "rebuild the fragment with frag extract")
-            target.copy_(tensor.to(target.dtype))
+            target = state[key[len(prefix) + 1 :]]
+            target.copy_(tensor.to(target.dtype) if _compatible(tensor.dtype, target.dtype) else tensor)
     return pipe
 
 
@@ -156,10 +234,12 @@ def find_fragment(model_hash: str, prompt: str, root: Path | None = None) -> Pat
     want = " ".join(prompt.lower().split())
     found = []
     for mf in root.glob("*/manifest.json"):
+        if mf.parent.name.startswith("."):
+            continue  # a staging folder or the old copy of a swap, never a finished fragment
         try:
             m = read_manifest(mf.parent)
         except FragError:
             continue
-        if m.base_model.hash == model_hash and " ".join(m.generation.prompt.lower().split()) == want:
+        if m.base_model.hash == model_hash and " ".join(m.profiling.prompt.lower().split()) == want:
             found.append((m.created, mf.parent))
     return max(found)[1] if found else None

@@ -31,9 +31,30 @@ def check_prompt(prompt: str) -> str:
     return text
 
 
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+MAX_GUIDANCE = 100.0
+
+
+def check_options(steps: int | None = None, guidance: float | None = None, width: int | None = None,
+                  height: int | None = None) -> None:
+    """Bound the numeric generation options before any model is loaded (None = the model's default)."""
+    import math
+
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise FragError(f"--steps {steps} is outside 1..{MAX_STEPS}", "pass e.g. --steps 20")
+    if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise FragError(f"--guidance {guidance} is not a number in 0..{MAX_GUIDANCE:g}", "pass e.g. --guidance 7.5")
+    for label, v in (("--width", width), ("--height", height)):
+        if v is not None and not (8 <= v <= MAX_SIDE and v % 8 == 0):
+            raise FragError(f"{label} {v} is not a multiple of 8 in 8..{MAX_SIDE}",
+                            f"pass a multiple of 8 such as {min(MAX_SIDE, max(8, v // 8 * 8))}")
+
+
 def resolve_settings(model, prompt: str, steps: int | None = None, guidance: float | None = None,
                      width: int | None = None, height: int | None = None, negative_prompt: str = "") -> GenSettings:
     """Fill unset options from the model's defaults (its ``frag.json``), else from the pipeline's config."""
+    check_options(steps, guidance, width, height)
     d = model.defaults
     pipe = model.pipe
     scale = getattr(pipe, "vae_scale_factor", 8)
@@ -41,10 +62,13 @@ def resolve_settings(model, prompt: str, steps: int | None = None, guidance: flo
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
     steps = steps if steps is not None else int(d.get("default_steps", 30))
     guidance = guidance if guidance is not None else float(d.get("default_guidance", 7.5))
-    width = width or int(d.get("width", sample * scale))
-    height = height or int(d.get("height", sample * scale))
-    if steps < 1:
-        raise FragError(f"--steps must be at least 1 (got {steps})", "pass --steps 1 or more")
+    width = width if width is not None else int(d.get("width", sample * scale))
+    height = height if height is not None else int(d.get("height", sample * scale))
+    check_options(steps, guidance, width, height)
+    train_steps = getattr(getattr(pipe.scheduler, "config", None), "num_train_timesteps", None)
+    if isinstance(train_steps, int) and steps > train_steps:
+        raise FragError(f"--steps {steps} is more than this scheduler's {train_steps} training timesteps",
+                        f"pass --steps {train_steps} or fewer")
     for label, v in (("--width", width), ("--height", height)):
         if v < 8 or v % 8:
             raise FragError(f"{label} {v} is not a positive multiple of 8", f"pass a multiple of 8 such as {max(8, v // 8 * 8)}")

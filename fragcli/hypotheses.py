@@ -1,4 +1,4 @@
-"""Score the research hypotheses H1..H5 from a run's files (already-parsed JSON dicts).
+"""Score the research hypotheses H1..H5 from a run's files (validated records, as their JSON dicts).
 
 Each hypothesis yields ``{id, statement, value, threshold, direction, status, evidence, note}`` with status
 ``PASS`` | ``WARN`` (the measurement passes but the sample is smaller than the hypothesis asks for) | ``FAIL`` |
@@ -21,15 +21,27 @@ H2_QUALITY_LOSS_MAX = 0.05  # "<5% quality loss": relative CLIP-score drop
 H2_SEEDS = 20  # "... over 20 seeds"
 H3_MIN_PROMPTS = 5  # fewer paraphrases than this give too coarse a pass rate: WARN
 H4_VARIANTS = 32  # "... for 32 variants"
+H1_UNIT = "attention_heads"  # H1 is a statement about heads: it reads the technique summary with this unit
 
 
 class Source(NamedTuple):
-    """A parsed JSON file and where it came from (shown as evidence)."""
+    """A validated file as its JSON dict, where it came from (``path``, shown as evidence) and its full path."""
 
     path: str
     data: dict[str, Any]
+    file: str = ""
 
 
+def removed_fractions(data: dict[str, Any] | None) -> dict[str, float]:
+    """``{unit: removed_fraction}`` from a record's ``techniques`` summaries (the first technique per unit)."""
+    out: dict[str, float] = {}
+    for t in (data or {}).get("techniques") or []:
+        summary = t.get("summary") if isinstance(t, dict) else None
+        unit = summary.get("unit") if isinstance(summary, dict) else None
+        value = _num(summary.get("removed_fraction")) if unit else None
+        if unit and value is not None:
+            out.setdefault(unit, value)
+    return out
 
 
 def _get(data: dict[str, Any] | None, *keys: str) -> Any:
@@ -59,7 +71,8 @@ def _seeds(validation: dict[str, Any]) -> int:
 
 
 def h1_head_prunable(points: Sequence[Source], th: Thresholds) -> dict[str, Any]:
-    """H1: the largest heads_removed_fraction whose aggregate clip_delta_rel >= -clip_delta_max."""
+    """H1: the largest fraction of attention heads removed (the ``attention_heads`` technique summary) whose
+    aggregate clip_delta_rel >= -clip_delta_max."""
     gate, tol = th.head_prunable_min, th.clip_delta_max.value
     statement = (f"at least {_pct(gate.value)} of attention heads can be removed with at most "
                  f"{_pct(tol)} CLIP-score drop")
@@ -69,18 +82,22 @@ def h1_head_prunable(points: Sequence[Source], th: Thresholds) -> dict[str, Any]
 
     if not points:
         return done(None, UNAVAILABLE, "no validation.json found", "run frag validate (or a sweep of fractions)")
-    measured = [(p, _num(p.data.get("heads_removed_fraction")), _num(_get(p.data, "aggregate", "clip_delta_rel")))
+    measured = [(p, removed_fractions(p.data).get(H1_UNIT), _num(_get(p.data, "aggregate", "clip_delta_rel")))
                 for p in points]
+    if all(f is None for _, f, _ in measured):
+        return done(None, UNAVAILABLE, f"{len(points)} validation file(s), none with a technique that removes "
+                    f"{H1_UNIT}", f"no technique summary with unit {H1_UNIT}: H1 is about head pruning")
     usable = [(p, f, d) for p, f, d in measured if f is not None and d is not None]
     if not usable:
-        reason = _get(points[0].data, "unavailable", "clip") or "no clip_delta_rel or heads_removed_fraction"
+        reason = _get(points[0].data, "unavailable", "clip") or "no clip_delta_rel"
         return done(None, UNAVAILABLE, f"{len(points)} validation file(s), none with a CLIP delta",
                     f"CLIP unavailable: {reason}")
     passing = [(p, f, d) for p, f, d in usable if d >= -tol]
     tested_max = max(f for _, f, _ in usable)
     if passing:
         best = max(passing, key=lambda x: x[1])
-        value, evidence = best[1], f"{best[0].path}: heads_removed_fraction {best[1]:.3f}, clip_delta_rel {best[2]:+.4f}"
+        value = best[1]
+        evidence = f"{best[0].path}: {H1_UNIT} removed_fraction {best[1]:.3f}, clip_delta_rel {best[2]:+.4f}"
     else:
         value, evidence = 0.0, f"no tested fraction kept the CLIP drop within {_pct(tol)}"
     evidence += f" ({len(usable)} point(s) tested, up to {tested_max:.3f})"
@@ -95,11 +112,14 @@ def h1_head_prunable(points: Sequence[Source], th: Thresholds) -> dict[str, Any]
 def _reduction(primary: Source | None, bench: Source | None, manifest: Source | None) -> tuple[float | None, str]:
     """The best memory reduction on record and where it came from."""
     found: list[tuple[float, str]] = []
-    if bench is not None:
+    perf = _get(manifest.data if manifest else None, "performance")  # the manifest's copy of a bench run
+    for src, data, prefix in ((bench, bench.data if bench else None, ""), (manifest, perf, "performance.")):
+        if found or not isinstance(data, dict):
+            continue
         for key in ("weight_reduction", "peak_memory_reduction"):
-            v = _num(bench.data.get(key))
+            v = _num(data.get(key))
             if v is not None:
-                found.append((v, f"{bench.path}: {key} {v:.3f}"))
+                found.append((v, f"{src.path}: {prefix}{key} {v:.3f}"))
     if not found:
         for src in (primary, manifest):
             before = _num(_get(src.data if src else None, "weight_bytes", "before"))
@@ -123,7 +143,7 @@ def h2_memory(primary: Source | None, bench: Source | None, manifest: Source | N
         return _result("H2", statement, value, gate.value, gate.direction, status, evidence, note)
 
     if value is None:
-        return done(UNAVAILABLE, "run tools/bench.py (or frag validate) to measure memory")
+        return done(UNAVAILABLE, "run frag bench (or frag validate) to measure memory")
     if not gate.passes(value):
         return done(FAIL, f"reduction {value:.3f} < {gate.value:g}")
     delta = _num(_get(primary.data if primary else None, "aggregate", "clip_delta_rel"))
@@ -140,7 +160,8 @@ def h2_memory(primary: Source | None, bench: Source | None, manifest: Source | N
 
 
 def h3_reuse(primary: Source | None, manifest: Source | None, th: Thresholds) -> dict[str, Any]:
-    """H3: pass rate on paraphrased prompts (validation.json ``paraphrases``) >= reuse_pass_rate_min."""
+    """H3: pass rate on paraphrased prompts (validation.json ``paraphrases``, else the manifest's ``reuse``)
+    >= reuse_pass_rate_min."""
     gate = th.reuse_pass_rate_min
     statement = f"a fragment passes on paraphrased prompts at a rate of at least {_pct(gate.value)}"
     value, prompts, evidence = None, None, "no paraphrases in validation.json"
@@ -149,10 +170,10 @@ def h3_reuse(primary: Source | None, manifest: Source | None, th: Thresholds) ->
         value = _num(para["pass_rate"])
         prompts = len(para.get("prompts") or para.get("per_prompt") or [])
         evidence = f"{primary.path}: paraphrases.pass_rate {value:.3f} over {prompts} prompt(s)"
-    elif manifest is not None and _num(_get(manifest.data, "reuse", "pass_rate")) is not None:
-        value = _num(manifest.data["reuse"]["pass_rate"])
-        prompts = len(_get(manifest.data, "reuse", "prompts") or [])
-        evidence = f"{manifest.path}: reuse.pass_rate {value:.3f}"
+    elif manifest is not None and _num(_get(manifest.data, "reuse", "paraphrase_pass_rate")) is not None:
+        value = _num(manifest.data["reuse"]["paraphrase_pass_rate"])
+        prompts = _get(manifest.data, "reuse", "paraphrases_tested")
+        evidence = f"{manifest.path}: reuse.paraphrase_pass_rate {value:.3f} over {prompts} paraphrase(s)"
 
     def done(status, note=""):
         return _result("H3", statement, value, gate.value, gate.direction, status, evidence, note)
@@ -179,7 +200,7 @@ def h4_throughput(bench: Source | None, th: Thresholds) -> dict[str, Any]:
         return _result("H4", statement, value, gate.value, gate.direction, status, evidence, note)
 
     if value is None:
-        return done(UNAVAILABLE, "run tools/bench.py")
+        return done(UNAVAILABLE, "run frag bench")
     if not gate.passes(value):
         return done(FAIL)
     if variants < H4_VARIANTS:
@@ -199,7 +220,7 @@ def h5_break_even(bench: Source | None, th: Thresholds) -> dict[str, Any]:
         return _result("H5", statement, value, gate.value, gate.direction, status, evidence, note)
 
     if bench is None:
-        return done(UNAVAILABLE, "run tools/bench.py")
+        return done(UNAVAILABLE, "run frag bench")
     if value is None:
         if speedup is not None and speedup <= 1.0:
             return done(FAIL, f"the fragment is not faster (speedup {speedup:.3f}): it never breaks even")

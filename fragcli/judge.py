@@ -99,8 +99,10 @@ def load_judge(device: str = "cpu", name: str = JUDGE_NAME, folder: Path | None 
             "reinstall fragcli or retrain it with: python tools/train_shapes.py --stage judge",
         )
     import open_clip
+    import torch
 
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
+    with torch.random.fork_rng(devices=[]):  # random init before the weights load: keep the caller's RNG state
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device)
     model.eval()
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     return Judge(model=model, preprocess=preprocess, tokenizer=tokenizer, name=name, weights_path=weights, device=device)

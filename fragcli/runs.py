@@ -42,35 +42,25 @@ def load_with_fragment(spec: str, fragment: str | None, prompt: str, device: str
 def run_generation(spec: str, prompt: str, fragment: str | None, seeds: list[int], out: Path, *, steps=None,
                    guidance=None, negative_prompt="", width=None, height=None, batch_size=1, device="auto",
                    dtype="auto", strict=False, show_progress=True, on_fallback=None) -> dict:
-    """Generate ``seeds`` into ``out`` (PNGs + run.json, atomically); returns the run record."""
+    """Generate ``seeds`` into ``out`` (PNGs + run.json, atomically); returns the run record (a ``RunRecord`` dump)."""
     from fragcli.console import progress
     from fragcli.generation import generate, resolve_settings
     from fragcli.memory import PeakMemory, param_count, weight_bytes
     from fragcli.paths import atomic_write_json, staged_dir
     from fragcli.profiling.run import versions
+    from fragcli.records import RunRecord
 
     loaded, frag_dir, reason = load_with_fragment(spec, fragment, prompt, device, dtype, strict, on_fallback)
     s = resolve_settings(loaded, prompt, steps, guidance, width, height, negative_prompt)
     with PeakMemory(loaded.device) as peak, progress("generating", len(seeds) * s.steps, show_progress) as adv:
         result = generate(loaded.pipe, s, seeds, loaded.device, batch_size, advance=adv)
-    run = {
-        "_type": "frag.run",
-        "schema_version": 1,
-        "out": str(out),
-        "model": loaded.describe(),
-        "fragment": str(frag_dir) if frag_dir else None,
-        "fallback_reason": reason,
-        "settings": s.as_dict(),
-        "seeds": seeds,
-        "batch_size": batch_size,
-        "per_image_s": {str(k): v for k, v in result.seconds.items()},
-        "total_s": result.total_s,
-        "images_per_min": result.images_per_min,
-        "memory": {**peak.as_dict(), "weight_bytes": weight_bytes(loaded.pipe)},
-        "params": param_count(loaded.pipe),
-        "images": {str(seed): f"seed-{seed}.png" for seed in seeds},
-        "versions": versions(),
-    }
+    run = RunRecord(
+        out=str(out), model=loaded.describe(), fragment=str(frag_dir) if frag_dir else None, fallback_reason=reason,
+        settings=s.as_dict(), seeds=seeds, batch_size=batch_size,
+        per_image_s={str(k): v for k, v in result.seconds.items()}, total_s=result.total_s,
+        images_per_min=result.images_per_min, memory={**peak.as_dict(), "weight_bytes": weight_bytes(loaded.pipe)},
+        params=param_count(loaded.pipe), images={str(seed): f"seed-{seed}.png" for seed in seeds}, versions=versions(),
+    ).dump()
     with staged_dir(out) as tmp:
         for seed, img in result.images.items():
             img.save(tmp / f"seed-{seed}.png")

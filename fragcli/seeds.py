@@ -6,6 +6,9 @@ import math
 
 from fragcli.errors import FragError
 
+MAX_SEEDS = 100_000  # images per command
+MAX_SEED = 2**63 - 1  # seeds are stored as int64 and fed to torch.Generator.manual_seed
+
 
 def parse_seeds(spec: str | int) -> list[int]:
     text = str(spec).strip()
@@ -16,6 +19,8 @@ def parse_seeds(spec: str | int) -> list[int]:
         n = int(text)
         if n < 1:
             raise FragError("--seeds 0 asks for no seeds", "pass a count of 1 or more, or 0-0 for seed 0 alone")
+        if n > MAX_SEEDS:
+            raise FragError(f"--seeds {text} asks for more than {MAX_SEEDS:,} images", "pass a smaller count")
         return list(range(n))
     seeds: list[int] = []
     for part in text.split(","):
@@ -25,6 +30,8 @@ def parse_seeds(spec: str | int) -> list[int]:
                 lo, hi = (int(x) for x in part.split("-", 1))
                 if hi < lo:
                     raise ValueError
+                if hi - lo + 1 + len(seeds) > MAX_SEEDS:
+                    raise FragError(f"--seeds {text!r} asks for more than {MAX_SEEDS:,} images", "pass a smaller range")
                 seeds.extend(range(lo, hi + 1))
             else:
                 seeds.append(int(part))
@@ -32,6 +39,8 @@ def parse_seeds(spec: str | int) -> list[int]:
             raise FragError(f"bad --seeds value {text!r}", fix) from None
     if any(s < 0 for s in seeds):
         raise FragError(f"bad --seeds value {text!r}: seeds are non-negative", fix)
+    if any(s > MAX_SEED for s in seeds) or len(seeds) > MAX_SEEDS:
+        raise FragError(f"bad --seeds value {text!r}: at most {MAX_SEEDS:,} seeds, each below 2**63", fix)
     out = list(dict.fromkeys(seeds))
     if not out:
         raise FragError(f"bad --seeds value {text!r}", fix)

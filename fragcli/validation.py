@@ -29,22 +29,19 @@ class ValidateOptions:
 
 def _profile_images(profile_dir: Path | None, model_hash: str, s, seeds: list[int]) -> dict[int, Image.Image]:
     """Full-model images the profile already made, where its model and settings match exactly."""
-    import json
+    from fragcli.records import ProfileContext, read_record
 
     if profile_dir is None or not (Path(profile_dir) / "context.json").is_file():
         return {}
-    try:
-        ctx = json.loads((Path(profile_dir) / "context.json").read_text())
-    except ValueError:
+    ctx = read_record(ProfileContext, Path(profile_dir) / "context.json")
+    if ctx.model.hash != model_hash or ctx.settings.model_dump() != s.as_dict():
         return {}
-    same = (ctx.get("model", {}).get("hash") == model_hash and ctx.get("settings") == s.as_dict())
-    if not same:
-        return {}
+    root = Path(profile_dir).resolve()
     out = {}
     for seed in seeds:
-        rel = ctx.get("images", {}).get(str(seed))
+        rel = ctx.images.get(str(seed))
         path = Path(profile_dir) / rel if rel else None
-        if path and path.is_file() and Path(profile_dir).resolve() in path.resolve().parents:
+        if path and path.is_file() and root in path.resolve().parents:
             out[seed] = Image.open(path).convert("RGB")
     return out
 
@@ -61,7 +58,10 @@ def _metrics(loaded, o: ValidateOptions):
 
 
 def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
-    """Generate full and fragment images on the same seeds, compare, gate; returns the validation record."""
+    """Generate full and fragment images on the same seeds, compare, gate.
+
+    Returns ``{"record": the validation.json dict (a ``ValidationRecord`` dump), "full": images, "frag": images}``.
+    """
     from fragcli.console import progress
     from fragcli.fragment import load_fragment, verify_fragment
     from fragcli.generation import generate, resolve_settings
@@ -69,7 +69,8 @@ def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
     from fragcli.metrics import aggregate, compare_images
     from fragcli.models import load_model
     from fragcli.models.hashing import sha256_file
-    from fragcli.techniques import HeadPruneConfig, apply_technique
+    from fragcli.records import ValidationRecord
+    from fragcli.techniques.stack import mask_stack, steps_from_entries
     from fragcli.thresholds import check_image, load_thresholds
 
     thresholds = load_thresholds(o.thresholds)
@@ -79,15 +80,14 @@ def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
     if loaded.hash != manifest.base_model.hash:
         raise FragError(f"model {loaded.name} ({loaded.hash[:12]}) is not the fragment's base model "
                         f"({manifest.base_model.hash[:12]})", "pass the fragment's base model with --model")
-    g = manifest.generation
+    g = manifest.profiling
     s = resolve_settings(loaded, g.prompt, g.steps, g.guidance, g.width, g.height, g.negative_prompt)
     para = o.paraphrases or []
     p_seeds = o.seeds[: o.paraphrase_seeds]
     metrics = _metrics(loaded, o)
     before = {"params": param_count(loaded.pipe), "weight_bytes": weight_bytes(loaded.pipe)}
 
-    profile_dir = o.profile_dir or (Path(g.profile_dir) if g.profile_dir else None)
-    full = _profile_images(profile_dir, loaded.hash, s, o.seeds)
+    full = _profile_images(o.profile_dir, loaded.hash, s, o.seeds)
     reused = sorted(full)
     todo = [seed for seed in o.seeds if seed not in full]
     total = (len(todo) + 2 * len(para) * len(p_seeds) + len(o.seeds)) * s.steps
@@ -96,7 +96,7 @@ def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
             full.update(generate(loaded.pipe, s, todo, loaded.device, advance=adv).images)
         full_para = [generate(loaded.pipe, s, p_seeds, loaded.device, prompt=p, advance=adv).images for p in para]
         if o.simulate:
-            apply_technique(loaded.denoiser, HeadPruneConfig(manifest.pruning.heads_removed, mode="mask"))
+            mask_stack(loaded.denoiser, steps_from_entries(manifest.techniques))
         else:
             load_fragment(loaded, fragment_dir)
         after = {"params": param_count(loaded.pipe), "weight_bytes": weight_bytes(loaded.pipe)}
@@ -127,31 +127,17 @@ def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
                        "pass_rate": sum(r["passed"] for r in rows) / len(rows)}
     agg_check = check_image({"clip_delta_rel": agg["clip_delta_rel"], "lpips": agg["lpips_mean"],
                              "ssim": agg["ssim_mean"], "phash_distance": agg["phash_mean"]}, thresholds)
-    pr = manifest.pruning
-    record = {
-        "_type": "frag.validation",
-        "schema_version": 1,
-        "fragment": str(fragment_dir),
-        "fragment_name": manifest.name,
-        "manifest_sha256": sha256_file(fragment_dir / "manifest.json"),
-        "model": {"name": loaded.name, "hash": loaded.hash},
-        "mode": "simulate" if o.simulate else "physical",
-        "prompt": s.prompt,
-        "settings": s.as_dict(),
-        "seeds": o.seeds,
-        "reused_profile_images": reused,
-        "head_retention": pr.achieved_retention,
-        "heads_removed_fraction": 1 - pr.achieved_retention,
-        "params": {"before": before["params"], "after": after["params"]},
-        "weight_bytes": {"before": before["weight_bytes"], "after": after["weight_bytes"]},
-        "per_image": per_image,
-        "aggregate": agg,
-        "unavailable": comp.unavailable,
-        "paraphrases": paraphrases,
-        "thresholds": thresholds.flat(),
-        "failures": agg_check.failures,
-        "passed": agg_check.passed,
-    }
+    techniques = [{"name": t.name, "version": t.version, "summary": t.summary} for t in manifest.techniques]
+    record = ValidationRecord(
+        fragment=str(fragment_dir), fragment_name=manifest.name,
+        manifest_sha256=sha256_file(fragment_dir / "manifest.json"),
+        model={"name": loaded.name, "hash": loaded.hash}, mode="simulate" if o.simulate else "physical",
+        prompt=s.prompt, settings=s.as_dict(), seeds=o.seeds, reused_profile_images=reused, techniques=techniques,
+        params={"before": before["params"], "after": after["params"]},
+        weight_bytes={"before": before["weight_bytes"], "after": after["weight_bytes"]},
+        per_image=per_image, aggregate=agg, unavailable=comp.unavailable, paraphrases=paraphrases,
+        thresholds=thresholds.flat(), failures=agg_check.failures, passed=agg_check.passed,
+    ).dump()
     return {"record": record, "full": full, "frag": frag}
 
 
@@ -160,8 +146,9 @@ def write_validation(result: dict, out: Path, fragment_dir: Path, update_manifes
     from fragcli.manifest import update_manifest
     from fragcli.metrics import side_by_side_grid
     from fragcli.paths import atomic_write_json, staged_dir
+    from fragcli.records import ValidationRecord
 
-    rec = result["record"]
+    rec = ValidationRecord.model_validate(result["record"]).dump()  # callers may have added to it
     seeds = rec["seeds"]
     with staged_dir(out) as tmp:
         atomic_write_json(tmp / "validation.json", rec)
@@ -169,11 +156,12 @@ def write_validation(result: dict, out: Path, fragment_dir: Path, update_manifes
                           labels=[f"seed {x}" for x in seeds])
     if update_manifest_blocks and rec["mode"] == "physical":
         a = rec["aggregate"]
-        quality = {"seeds": seeds, "passed": rec["passed"], "failures": rec["failures"], "validation": str(out),
-                   **{k: a[k] for k in ("clip_full_mean", "clip_fragment_mean", "clip_delta_rel", "lpips_mean",
-                                         "ssim_mean", "phash_mean", "pass_rate")},
+        quality = {"seeds": seeds, "samples": len(seeds), "thresholds_passed": rec["passed"],
+                   "failures": rec["failures"], "clip_delta_mean": a["clip_delta_rel"],
+                   **{k: a[k] for k in ("clip_full_mean", "clip_fragment_mean", "lpips_mean", "ssim_mean",
+                                         "phash_mean", "pass_rate")},
                    "unavailable": rec["unavailable"]}
         p = rec["paraphrases"]
-        reuse = {"paraphrases": len(p["prompts"]), "passed": sum(r["passed"] for r in p["per_prompt"]),
-                 "pass_rate": p["pass_rate"]} if p else {}
+        reuse = {"paraphrases_tested": len(p["prompts"]), "paraphrases_passed": sum(r["passed"] for r in p["per_prompt"]),
+                 "paraphrase_pass_rate": p["pass_rate"]} if p else None
         update_manifest(fragment_dir, quality=quality, reuse=reuse)

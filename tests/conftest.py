@@ -11,6 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FRAG_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+# Library calls leave torch's threads alone (only the frag command reads FRAG_THREADS): pin them here, once.
+# One thread is steadiest on a shared machine.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 # One session-wide place for generated built-in models (tiny is built once), and a default FRAG_HOME so that
 # nothing a test does can land in the working directory, even from session-scoped fixtures.
 _SESSION = Path(tempfile.mkdtemp(prefix="frag-tests-"))

@@ -30,3 +30,22 @@ def unet_inputs(unet, batch: int = 2, tokens: int = 77, seed: int = 0):
     x = torch.randn(batch, unet.config.in_channels, size, size)
     ctx = torch.randn(batch, tokens, unet.config.cross_attention_dim)
     return x, torch.tensor([500]), ctx
+
+
+def tiny_chain(root, prompt: str, retention: float = 0.6):
+    """profile (seeds 0,1, 3 steps) -> extract on tiny through the CLI; returns (root, profile, fragment)."""
+    prof, frag = root / "profile", root / "fragment"
+    r = run_cli("profile", prompt, "-m", "tiny", "--seeds", "0,1", "--steps", "3", "--out", prof)
+    assert r.exit_code == 0, r.output
+    r = run_cli("extract", prof, "--head-retention", str(retention), "--out", frag)
+    assert r.exit_code == 0, r.output
+    return root, prof, frag
+
+
+def private_copy(folder, tmp_path):
+    """A copy of a shared fixture folder that one test may damage."""
+    import shutil
+
+    dst = tmp_path / folder.name
+    shutil.copytree(folder, dst)
+    return dst

@@ -42,28 +42,35 @@ def test_extract_writes_selection_manifest_and_delta(built):
     _, frag, summary = built
     manifest = json.loads((frag / "manifest.json").read_text())
     selection = json.loads((frag / "selection.json").read_text())
-    assert manifest["_type"] == "frag.fragment" and manifest["schema_version"] == 1
+    assert manifest["_type"] == "frag.fragment" and manifest["schema_version"] == 2
     assert list(manifest) == sorted(manifest)  # sorted keys
-    assert manifest["pruning"]["heads_removed"] == {m: r for m, r in selection["removed"].items() if r}
-    assert 0.7 <= manifest["pruning"]["achieved_retention"] < 0.75
-    assert manifest["params"]["after"] < manifest["params"]["before"]
-    assert manifest["weight_bytes"]["after"] < manifest["weight_bytes"]["before"]
+    [entry] = manifest["techniques"]
+    assert entry["name"] == "head_prune" and entry["version"] == 1
+    assert entry["config"]["attention_heads_removed"] == {m: r for m, r in selection["removed"].items() if r}
+    s = entry["summary"]
+    assert s["unit"] == "attention_heads" and s["units_total"] == selection["heads_total"]
+    assert s["units_removed"] == selection["heads_removed"] and 0.25 < s["removed_fraction"] <= 0.3
+    assert s["params_removed"] == manifest["params"]["removed"] > 0  # the denoiser is all that changed
+    assert s["bytes_saved"] == manifest["weight_bytes"]["before"] - manifest["weight_bytes"]["after"] > 0
     assert set(manifest["artifacts"]) == {"fragment.safetensors", "selection.json"}
-    assert manifest["compression"] == {} and manifest["quality"] == {}
+    assert manifest["quality"] is None and manifest["performance"] is None
+    assert "/" not in json.dumps(manifest["profiling"])  # no local path in a shareable manifest
     delta = load_file(frag / "fragment.safetensors")
     assert delta and all(k.startswith("unet.") and "attn" in k for k in delta)
+    assert sorted(delta) == manifest["weights"]["changed"] and manifest["weights"]["removed"] == []
     assert all(v.dtype == torch.float32 for v in delta.values())
-    assert summary["heads_kept"] == manifest["pruning"]["heads_kept"]
+    assert summary["techniques"][0]["units_removed"] == s["units_removed"]
 
 
 def test_round_trip_reproduces_the_pruned_model(built):
     prof, frag, _ = built
-    from fragcli.selection import SelectionParams, plan, read_profile, score_heads
+    from fragcli.profiling.data import read_profile
     from fragcli.techniques import HeadPruneConfig, apply_technique
+    from fragcli.techniques.head_selection import SelectionParams, plan, score_heads
 
     direct = load_model("tiny")
     sel = plan(score_heads(read_profile(prof), "composite"), SelectionParams(head_retention=0.7))
-    apply_technique(direct.denoiser, HeadPruneConfig({m: r for m, r in sel["removed"].items() if r}))
+    apply_technique(direct.denoiser, HeadPruneConfig(attention_heads_removed={m: r for m, r in sel["removed"].items() if r}))
     loaded = load_model("tiny")
     load_fragment(loaded, frag)
     assert heads_per_module(loaded.denoiser) == heads_per_module(direct.denoiser)
@@ -81,7 +88,8 @@ def test_retention_one_is_a_no_op_fragment(built, tmp_path):
     r = run_cli("extract", prof, "--head-retention", "1.0", "--out", tmp_path / "noop", "--json")
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "noop" / "manifest.json").read_text())
-    assert m["pruning"]["heads_removed"] == {} and m["params"]["removed"] == 0
+    assert m["techniques"][0]["config"]["attention_heads_removed"] == {} and m["params"]["removed"] == 0
+    assert m["weights"] is None and "fragment.safetensors" not in m["artifacts"]  # nothing changed: no delta
     loaded = load_model("tiny")
     ref = load_model("tiny")
     load_fragment(loaded, tmp_path / "noop")
@@ -94,9 +102,14 @@ def _flip_byte(path, offset=-5):
     path.write_bytes(bytes(data))
 
 
-def _edit_manifest(folder, fn):
+def _edit_manifest(folder, fn, rehash=True):
+    """Edit a manifest; ``rehash`` re-signs it, as a careful forger would, so that the deeper checks are tested."""
+    from fragcli.manifest import content_hash
+
     m = json.loads((folder / "manifest.json").read_text())
     fn(m)
+    if rehash:
+        m["content_sha256"] = content_hash(m)
     (folder / "manifest.json").write_text(json.dumps(m))
 
 
@@ -111,7 +124,20 @@ def _edit_manifest(folder, fn):
         (lambda f: (f / "manifest.json").write_text((f / "manifest.json").read_text()[:200]), "malformed"),
         (lambda f: _edit_manifest(f, lambda m: m["base_model"].update({"hash": "0" * 64})), "not this one"),
         (lambda f: _edit_manifest(f, lambda m: m.update({"schema_version": 99})), "schema_version"),
-        (lambda f: _edit_manifest(f, lambda m: m.pop("pruning")), "pruning"),
+        (lambda f: _edit_manifest(f, lambda m: m.pop("techniques")), "techniques"),
+        (lambda f: _edit_manifest(f, lambda m: m["techniques"][0].update({"name": "warp_drive"})), "unknown technique"),
+        (lambda f: _edit_manifest(f, lambda m: m["techniques"][0].update({"version": 9})), "newer"),
+        (lambda f: _edit_manifest(f, lambda m: m["techniques"][0]["config"].update({"bogus": 1})), "config is invalid"),
+        (lambda f: _edit_manifest(f, lambda m: m["techniques"][0]["config"]["attention_heads_removed"].update(
+            {"down_blocks.0.attentions.0.transformer_blocks.0.attn1": [0, 1, 2, 3, 4, 5, 6, 7]})), "zero|every head"),
+        (lambda f: _edit_manifest(f, lambda m: m["techniques"][0]["config"].update({"attention_heads_removed": {}})),
+         "has no place|shape"),
+        (lambda f: _edit_manifest(f, lambda m: m["weights"]["changed"].pop()), "do not match the manifest"),
+        (lambda f: (f / "manifest.json").write_bytes(b"\xff\xfe{}"), "not UTF-8"),
+        (lambda f: _edit_manifest(f, lambda m: m.update({"quality": {"clip_delta_mean": 0.5}}), rehash=False),
+         "content_sha256"),
+        (lambda f: _edit_manifest(f, lambda m: m["techniques"][0]["summary"].update({"units_removed": 0}),
+                                  rehash=False), "content_sha256"),
         (lambda f: (f / "fragment.safetensors").unlink(), "missing"),
     ],
 )
@@ -198,4 +224,6 @@ def test_load_fragment_on_a_plain_diffusers_pipeline(built):
     pipe = StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True)
     load_fragment(pipe, built[1])
     m = json.loads((built[1] / "manifest.json").read_text())
-    assert heads_per_module(pipe.unet) == m["structure"]
+    removed = m["techniques"][0]["config"]["attention_heads_removed"]
+    heads = heads_per_module(pipe.unet)
+    assert all(heads[name] == 8 - len(r) for name, r in removed.items()) and removed

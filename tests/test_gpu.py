@@ -31,6 +31,6 @@ def test_profile_and_prune_on_cuda_fp16():
         install_head_mask(unet, removed)
         masked = unet(x, t, ctx).sample
         remove_head_mask(unet)
-        apply_technique(unet, HeadPruneConfig(removed))
+        apply_technique(unet, HeadPruneConfig(attention_heads_removed=removed))
         pruned = unet(x, t, ctx).sample
     assert (pruned - masked).abs().max().item() <= 1e-2

@@ -9,6 +9,7 @@ from fragcli.hypotheses import (
     h3_reuse,
     h4_throughput,
     h5_break_even,
+    removed_fractions,
     score_hypotheses,
 )
 from fragcli.thresholds import default_thresholds
@@ -16,9 +17,15 @@ from fragcli.thresholds import default_thresholds
 TH = default_thresholds()
 
 
-def val(frac, delta, seeds=20, paraphrases=None, path="v.json"):
-    return Source(path, {"_type": "frag.validation", "heads_removed_fraction": frac, "seeds": list(range(seeds)),
-                         "aggregate": {"clip_delta_rel": delta}, "paraphrases": paraphrases,
+def heads(frac, unit="attention_heads"):
+    return {"name": "any_name", "version": 1, "summary": {"unit": unit, "units_total": 100,
+                                                          "units_removed": round(100 * frac), "removed_fraction": frac}}
+
+
+def val(frac, delta, seeds=20, paraphrases=None, path="v.json", techniques=None):
+    return Source(path, {"_type": "frag.validation", "techniques": [heads(frac)] if techniques is None else techniques,
+                         "seeds": list(range(seeds)), "aggregate": {"clip_delta_rel": delta},
+                         "paraphrases": paraphrases,
                          "unavailable": {} if delta is not None else {"clip": "no CLIP weights"}})
 
 
@@ -45,6 +52,16 @@ def test_h1_fail_warn_unavailable():
     assert none["status"] == UNAVAILABLE and "no CLIP weights" in none["note"] and none["value"] is None
 
 
+def test_h1_reads_the_attention_heads_summary_only():
+    other = [{"name": "x", "version": 1, "summary": {"unit": "ffn_channels", "removed_fraction": 0.5}}]
+    r = h1_head_prunable([val(0.0, -0.001, techniques=other), val(0.0, -0.001, techniques=[])], TH)
+    assert r["status"] == UNAVAILABLE and r["value"] is None and "attention_heads" in r["note"]
+    both = val(0.0, -0.001, techniques=[*other, heads(0.4)])
+    assert removed_fractions(both.data) == {"ffn_channels": 0.5, "attention_heads": 0.4}
+    r = h1_head_prunable([both], TH)
+    assert r["status"] == PASS and r["value"] == 0.4 and "attention_heads removed_fraction 0.400" in r["evidence"]
+
+
 def test_h2():
     assert h2_memory(val(0.3, -0.01), bench(), None, TH)["status"] == PASS
     few = h2_memory(val(0.3, -0.01, seeds=4), bench(), None, TH)
@@ -57,6 +74,10 @@ def test_h2():
     manifest = Source("fragment/manifest.json", {"weight_bytes": {"before": 100, "after": 70}})
     r = h2_memory(val(0.3, -0.01), None, manifest, TH)
     assert r["status"] == PASS and abs(r["value"] - 0.3) < 1e-9 and "manifest" in r["evidence"]
+    benched = Source("fragment/manifest.json", {"weight_bytes": {"before": 100, "after": 90},
+                                                "performance": {"weight_reduction": 0.1, "peak_memory_reduction": 0.4}})
+    r = h2_memory(val(0.3, -0.01), None, benched, TH)
+    assert r["status"] == PASS and r["value"] == 0.4 and "performance.peak_memory_reduction" in r["evidence"]
 
 
 def test_h3():
@@ -65,6 +86,10 @@ def test_h3():
     assert h3_reuse(val(0.3, 0, paraphrases={**para, "pass_rate": 0.5}), None, TH)["status"] == FAIL
     assert h3_reuse(val(0.3, 0, paraphrases={"prompts": ["a", "b"], "pass_rate": 1.0}), None, TH)["status"] == WARN
     assert h3_reuse(val(0.3, 0), None, TH)["status"] == UNAVAILABLE
+    manifest = Source("fragment/manifest.json", {"reuse": {"paraphrase_pass_rate": 0.9, "paraphrases_tested": 10,
+                                                           "paraphrases_passed": 9}})
+    r = h3_reuse(val(0.3, 0), manifest, TH)
+    assert r["status"] == PASS and r["value"] == 0.9 and "reuse.paraphrase_pass_rate" in r["evidence"]
     assert h3_reuse(None, None, TH)["status"] == UNAVAILABLE
 
 

@@ -10,9 +10,9 @@ from diffusers.models.attention_processor import Attention
 from fragcli.errors import FragError
 from fragcli.generation import GenSettings, run_batch
 from fragcli.models import load_model
-from fragcli.selection import SelectionParams, check_selection, plan
 from fragcli.techniques import HeadPruneConfig, apply_technique
 from fragcli.techniques.head_prune import attention_modules, install_head_mask, remove_head_mask
+from fragcli.techniques.head_selection import SelectionParams, check_selection, plan
 from tests.helpers import unet_inputs
 
 TOL = 1e-5
@@ -45,7 +45,7 @@ def test_pruned_module_equals_masked_module(cross, with_mask):
     hook_model = torch.nn.ModuleDict({"a": masked})
     install_head_mask(hook_model, {"a": remove})
     pruned = copy.deepcopy(attn)
-    apply_technique(torch.nn.ModuleDict({"a": pruned}), HeadPruneConfig({"a": remove}))
+    apply_technique(torch.nn.ModuleDict({"a": pruned}), HeadPruneConfig(attention_heads_removed={"a": remove}))
     with torch.no_grad():
         ref = masked(x, encoder_hidden_states=ctx, attention_mask=mask)
         out = pruned(x, encoder_hidden_states=ctx, attention_mask=mask)
@@ -66,7 +66,7 @@ def test_tiny_modules_pruned_equal_masked_with_an_attention_mask(tiny, which):
     mask[:, :, -5:] = -10000.0
     masked, pruned = torch.nn.ModuleDict({"a": copy.deepcopy(attn)}), torch.nn.ModuleDict({"a": copy.deepcopy(attn)})
     install_head_mask(masked, {"a": [2, 5, 6]})
-    apply_technique(pruned, HeadPruneConfig({"a": [2, 5, 6]}))
+    apply_technique(pruned, HeadPruneConfig(attention_heads_removed={"a": [2, 5, 6]}))
     with torch.no_grad():
         for m in (None, mask):
             ref = masked["a"](x, encoder_hidden_states=ctx, attention_mask=m)
@@ -79,7 +79,7 @@ def test_pruned_module_with_group_norm_and_residual_equals_masked():
     x = torch.randn(2, 32, 3, 3)  # 4-D input path
     root_m, root_p = torch.nn.ModuleDict({"a": copy.deepcopy(attn)}), torch.nn.ModuleDict({"a": copy.deepcopy(attn)})
     install_head_mask(root_m, {"a": [1, 3]})
-    apply_technique(root_p, HeadPruneConfig({"a": [1, 3]}))
+    apply_technique(root_p, HeadPruneConfig(attention_heads_removed={"a": [1, 3]}))
     with torch.no_grad():
         assert (root_m["a"](x) - root_p["a"](x)).abs().max().item() <= TOL
 
@@ -96,7 +96,7 @@ def test_pruned_unet_equals_masked_unet(tiny):
         assert remove_head_mask(unet)
         assert torch.equal(unet(x, t, ctx).sample, base)  # reversible
         pruned_unet = copy.deepcopy(unet)
-        apply_technique(pruned_unet, HeadPruneConfig(removed))
+        apply_technique(pruned_unet, HeadPruneConfig(attention_heads_removed=removed))
         pruned = pruned_unet(x, t, ctx).sample
     assert (pruned - masked).abs().max().item() <= TOL
     assert all(m.heads == 5 for m in attention_modules(pruned_unet).values())
@@ -106,8 +106,8 @@ def test_pruned_unet_equals_masked_unet(tiny):
 def test_pruned_pipeline_equals_masked_pipeline_with_a_fixed_seed():
     masked, pruned = load_model("tiny"), load_model("tiny")
     removed = {n: [0, 7] for n in attention_modules(masked.denoiser)}
-    apply_technique(masked.denoiser, HeadPruneConfig(removed, mode="mask"))
-    apply_technique(pruned.denoiser, HeadPruneConfig(removed))
+    install_head_mask(masked.denoiser, removed)
+    apply_technique(pruned.denoiser, HeadPruneConfig(attention_heads_removed=removed))
     s = GenSettings("a red circle", steps=3, guidance=7.5, width=64, height=64)
     pipe_kw = dict(device="cpu")
     a = np.asarray(run_batch(masked.pipe, s, [3], **pipe_kw)[0], dtype=np.int16)
@@ -119,10 +119,10 @@ def test_a_module_keeps_at_least_one_head(tiny):
     unet = copy.deepcopy(tiny.pipe.unet)
     name = next(iter(attention_modules(unet)))
     with pytest.raises(FragError, match="every head"):
-        apply_technique(unet, HeadPruneConfig({name: list(range(8))}))
+        apply_technique(unet, HeadPruneConfig(attention_heads_removed={name: list(range(8))}))
     assert attention_modules(unet)[name].heads == 8  # refused before anything changed
     with pytest.raises(FragError, match="cannot remove"):
-        apply_technique(unet, HeadPruneConfig({name: [8]}))
+        apply_technique(unet, HeadPruneConfig(attention_heads_removed={name: [8]}))
 
 
 def _scores(heads=(4, 4, 2), seeds=3):
@@ -163,3 +163,9 @@ def test_zero_head_selection_is_rejected():
     sel["kept"]["m2"] = 0
     with pytest.raises(FragError, match="zero heads"):
         check_selection(sel)
+
+
+@pytest.mark.parametrize("field", ["head_retention", "safety_margin", "stability_threshold"])
+def test_nan_selection_parameters_are_refused(field):
+    with pytest.raises(FragError, match=field.replace("_", "-")):
+        SelectionParams(**{field: float("nan")}).check()

@@ -6,51 +6,112 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
+from fragcli.bench import BenchRecord, Ratios, RunStats
 from fragcli.cli.app import app
+from fragcli.manifest import Manifest, content_hash
 from fragcli.paths import reports_dir
+from fragcli.records import ProfileContext, ValidationRecord
+from fragcli.report.schema import ReportSummary
+from fragcli.techniques.base import TechniqueSummary
+from fragcli.techniques.head_selection import HeadSelection
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = {"name": "shapes", "hash": "abc123" * 10}
+MODEL = {"name": "shapes", "hash": "abc123" * 10 + "abcd"}
 MODULES = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1", "down_blocks.0.attentions.0.transformer_blocks.0.attn2"]
+SETTINGS = {"prompt": "a red circle", "steps": 10, "guidance": 2.5, "width": 64, "height": 64, "negative_prompt": ""}
+VERSIONS = {"frag": "0.2.0", "torch": "2", "diffusers": "0.42", "transformers": "5", "python": "3.11"}
 runner = CliRunner()
 
 
 def dump(path: Path, obj) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, sort_keys=True))
+    if isinstance(obj, Manifest):
+        path.write_text(obj.dump())  # with its content_sha256
+        return path
+    data = obj.model_dump(by_alias=True, mode="json") if isinstance(obj, BaseModel) else obj
+    if path.name == "manifest.json":
+        data = {**data, "content_sha256": content_hash(data)}
+    path.write_text(json.dumps(data, sort_keys=True))
     return path
 
 
-def validation(frac, delta=-0.01, ssim=0.9, seeds=20, paraphrases=True):
-    return {
-        "_type": "frag.validation", "schema_version": 1, "fragment": "../fragment", "manifest_sha256": "x",
-        "model": MODEL, "mode": "physical", "prompt": "a red circle", "seeds": list(range(seeds)),
-        "head_retention": 1 - frac, "heads_removed_fraction": frac, "params": {"before": 1000, "after": 900},
-        "weight_bytes": {"before": 4000, "after": 3600},
-        "per_image": [{"seed": s, "clip_full": 0.3, "clip_fragment": 0.3 * (1 + delta), "clip_delta_rel": delta,
-                       "lpips": 0.1, "ssim": ssim, "phash_distance": 4, "passed": True} for s in range(seeds)],
-        "aggregate": {"clip_full_mean": 0.3, "clip_fragment_mean": 0.3 * (1 + delta), "clip_delta_rel": delta,
-                      "lpips_mean": 0.1, "ssim_mean": ssim, "phash_mean": 4.0, "pass_rate": 1.0},
-        "unavailable": {},
-        "paraphrases": {"prompts": [f"p{i}" for i in range(6)], "per_prompt": [], "pass_rate": 5 / 6}
-        if paraphrases else None,
-        "thresholds": {}, "passed": True,
-    }
+def heads_technique(frac: float, total: int = 8, name: str = "head_prune") -> dict:
+    removed = round(frac * total)
+    return {"name": name, "version": 1, "summary": TechniqueSummary(
+        unit="attention_heads", units_total=total, units_removed=removed, removed_fraction=frac,
+        params_removed=100 * removed, bytes_saved=400 * removed)}
 
 
-def bench(speedup=2.0, weight_after=2800):
-    return {
-        "_type": "frag.bench", "schema_version": 1, "model": MODEL, "device": "cpu",
-        "variants": 32, "prompt": "a red circle", "steps": 10, "repeats": 4,
-        "full": {"total_s": 64.0, "per_image_s": 2.0, "images_per_min": 30.0, "peak_bytes_est": 1e9,
-                 "cuda_peak_bytes": None, "weight_bytes": 4000, "params": 1000},
-        "fragment": {"total_s": 64.0 / speedup, "per_image_s": 2.0 / speedup, "images_per_min": 30.0 * speedup,
-                     "peak_bytes_est": 7e8, "cuda_peak_bytes": None, "weight_bytes": weight_after, "params": 700},
-        "speedup": speedup, "weight_reduction": 1 - weight_after / 4000, "peak_memory_reduction": 0.3,
-        "profile_cost_s": 3.0, "extract_cost_s": 1.0, "break_even_images": 4.0 / (2.0 - 2.0 / speedup),
-    }
+def validation(frac, delta=-0.01, ssim=0.9, seeds=20, paraphrases=True, techniques=None) -> ValidationRecord:
+    prompts = [f"p{i}" for i in range(6)]
+    return ValidationRecord(
+        fragment="../fragment", fragment_name="red-circle", manifest_sha256="x", model=MODEL, mode="physical",
+        prompt="a red circle", settings=SETTINGS, seeds=list(range(seeds)),
+        techniques=[heads_technique(frac)] if techniques is None else techniques,
+        params={"before": 1000, "after": 900}, weight_bytes={"before": 4000, "after": 3600},
+        per_image=[{"seed": s, "clip_full": 0.3, "clip_fragment": 0.3 * (1 + delta), "clip_delta_rel": delta,
+                    "lpips": 0.1, "ssim": ssim, "phash_distance": 4, "passed": True} for s in range(seeds)],
+        aggregate={"clip_full_mean": 0.3, "clip_fragment_mean": 0.3 * (1 + delta), "clip_delta_rel": delta,
+                   "lpips_mean": 0.1, "ssim_mean": ssim, "phash_mean": 4.0, "pass_rate": 1.0},
+        paraphrases={"prompts": prompts, "seeds": [0],
+                     "per_prompt": [{"prompt": p, "clip_full": 0.3, "clip_fragment": 0.3, "clip_delta_rel": 0.0,
+                                     "lpips": 0.1, "ssim": 0.9, "phash_distance": 4.0, "passed": i < 5}
+                                    for i, p in enumerate(prompts)], "pass_rate": 5 / 6} if paraphrases else None,
+        thresholds={}, passed=True)
+
+
+def _run_stats(kind, per_image_s, weight_bytes, peak, params, vs=None) -> RunStats:
+    return RunStats(kind=kind, repeats_total_s=[32 * per_image_s] * 4, total_s=32 * per_image_s,
+                    per_image_s=per_image_s, per_image_s_range=(per_image_s, per_image_s),
+                    images_per_min=60 / per_image_s, weight_bytes=weight_bytes, activation_peak_bytes=peak - weight_bytes,
+                    peak_bytes_est=peak, cuda_peak_bytes=None, params=params, vs_baseline=vs)
+
+
+def bench(speedup=2.0, weight_after=2800) -> BenchRecord:
+    ratios = Ratios(speedup=speedup, speedup_range=(speedup, speedup), speedup_per_repeat=[speedup] * 4,
+                    weight_reduction=1 - weight_after / 4000, peak_memory_reduction=0.3)
+    return BenchRecord(
+        created="2026-01-01T00:00:00Z", model=MODEL, fragment_path="../fragment", fragment_name="red-circle",
+        device="cpu", dtype="fp32", variants=32, batch_size=1, repeats=4, prompt="a red circle", steps=10, width=64,
+        height=64, runs={"full": _run_stats("full", 2.0, 4000, 1_000_000_000, 1000),
+                         "fragment": _run_stats("fragment", 2.0 / speedup, weight_after, 700_000_000, 700, ratios)},
+        speedup=speedup, speedup_range=(speedup, speedup), weight_reduction=1 - weight_after / 4000,
+        peak_memory_reduction=0.3, peak_kind="weights_plus_rss", profile_cost_s=3.0, extract_cost_s=1.0,
+        break_even_images=4.0 / (2.0 - 2.0 / speedup) if speedup > 1 else None)
+
+
+def context() -> ProfileContext:
+    return ProfileContext(
+        model={**MODEL, "source": "builtin:shapes", "device": "cpu", "dtype": "fp32", "denoiser": "unet"},
+        prompt="a red circle", text_embedding_hash=None, seeds=[0, 1], steps=10, profiled_steps=[0, 1],
+        timesteps=[900.0, 800.0], guidance=2.5, width=64, height=64, scheduler="DDIMScheduler", exact_entropy=False,
+        versions=VERSIONS, timings={"total_s": 3.0, "per_seed_s": [1.5, 1.5], "plain_first_seed_s": 1.45,
+                                    "profiled_first_seed_s": 1.5, "overhead_ratio": 1.03},
+        memory={"peak_rss_bytes": 10, "cuda_max_allocated_bytes": None, "weight_bytes": 4000},
+        rows={"profile": 32}, images={}, settings=SETTINGS)
+
+
+def manifest(weight_after=2800, techniques=None) -> Manifest:
+    return Manifest(
+        frag_version="0.2.0", name="red-circle", created="2026-01-01T00:00:00Z",
+        base_model={**MODEL, "source": "builtin:shapes", "dtype": "fp32"},
+        profiling={"prompt": "a red circle", "seeds": [0, 1], "steps": 10, "profiled_steps": [0, 1],
+                   "guidance": 2.5, "width": 64, "height": 64},
+        techniques=[{**heads_technique(0.375), "config": {}}] if techniques is None else techniques,
+        params={"before": 1000, "after": 700, "removed": 300}, weight_bytes={"before": 4000, "after": weight_after},
+        artifacts={})
+
+
+def selection() -> HeadSelection:
+    return HeadSelection(
+        params={"head_retention": 0.625, "score": "composite", "per_module": False, "safety_margin": 0.0,
+                "stability_threshold": 0.25},
+        removed={MODULES[0]: [0, 1], MODULES[1]: [3]}, kept={MODULES[0]: 2, MODULES[1]: 3},
+        scores={m: [0.1, 0.2, 0.3, 0.4] for m in MODULES}, instability={m: [0.0] * 4 for m in MODULES},
+        protected={MODULES[1]: [0]}, heads_total=8, heads_removed=3, achieved_retention=0.625)
 
 
 def make_run(root: Path, ssim=0.9, speedup=2.0, weight_after=2800) -> Path:
@@ -61,18 +122,9 @@ def make_run(root: Path, ssim=0.9, speedup=2.0, weight_after=2800) -> Path:
             for m in MODULES for h in range(4) for s in range(2) for t in range(2)]
     (run / "profile").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), run / "profile" / "profile.parquet")
-    dump(run / "profile" / "context.json", {"_type": "frag.profile", "schema_version": 1,
-                                            "model": {**MODEL, "device": "cpu"}, "prompt": "a red circle",
-                                            "timings": {"total_s": 3.0, "overhead_ratio": 1.03}})
-    dump(run / "fragment" / "manifest.json", {"_type": "frag.fragment", "schema_version": 1, "name": "red-circle",
-                                              "base_model": MODEL, "pruning": {"head_retention": 0.625,
-                                                                               "heads_total": 8, "heads_kept": 5},
-                                              "weight_bytes": {"before": 4000, "after": weight_after}})
-    dump(run / "fragment" / "selection.json", {"_type": "frag.selection", "schema_version": 1,
-                                               "removed": {MODULES[0]: [0, 1], MODULES[1]: [3]},
-                                               "kept": {MODULES[0]: 2, MODULES[1]: 3},
-                                               "scores": {m: [0.1, 0.2, 0.3, 0.4] for m in MODULES},
-                                               "protected": {MODULES[1]: [0]}})
+    dump(run / "profile" / "context.json", context())
+    dump(run / "fragment" / "manifest.json", manifest(weight_after))
+    dump(run / "fragment" / "selection.json", selection())
     dump(run / "validate" / "validation.json", validation(0.375, ssim=ssim))
     dump(run / "bench" / "bench.json", bench(speedup, weight_after))
     return run
@@ -107,6 +159,16 @@ def test_report_writes_files_and_passes(tmp_path):
     assert status == {"H1": "PASS", "H2": "PASS", "H3": "PASS", "H4": "PASS", "H5": "PASS"}
     h1 = summary["hypotheses"][0]
     assert h1["value"] == 0.375 and len(summary["sweep"]) == 4
+    assert "attention_heads removed_fraction 0.375" in h1["evidence"]
+    assert summary["fragment"]["techniques"] == [{"name": "head_prune", "unit": "attention_heads", "units_removed": 3,
+                                                  "units_total": 8, "removed_fraction": 0.375, "params_removed": 300,
+                                                  "bytes_saved": 1200}]
+    assert sorted(p["removed_fraction"]["attention_heads"] for p in summary["sweep"]) == [0.125, 0.25, 0.375, 0.5]
+    assert summary["metrics"]["removed_fraction"] == {"attention_heads": 0.375}
+    assert summary["quality"]["removed_fraction"] == {"attention_heads": 0.375}
+    assert summary["memory"]["full_weight_bytes"] == 4000 and summary["performance"]["fragment_per_image_s"] == 1.0
+    on_disk = json.loads((out / "metrics_summary.json").read_text())
+    assert ReportSummary.model_validate(on_disk).model_dump(by_alias=True, mode="json") == on_disk == summary
     assert summary["gate"] == {"enforced": True, "passed": True, "failures": []}
     heads = json.loads((out / "head_importance.json").read_text())
     first = heads["modules"][0]
@@ -204,15 +266,71 @@ def test_fragment_outside_the_run_and_sweep_inside_it(tmp_path):
     run = make_run(tmp_path)
     outside = tmp_path / "fragments" / "red-circle"
     shutil.move(str(run / "fragment"), str(outside))
-    v = json.loads((run / "validate" / "validation.json").read_text())
-    v["fragment"] = str(outside)
-    dump(run / "validate" / "validation.json", v)
-    sweep_manifest = json.loads((outside / "manifest.json").read_text())
-    sweep_manifest["name"] = "sweep-point"
-    dump(run / "sweep" / "h50" / "fragment" / "manifest.json", sweep_manifest)
+    dump(run / "validate" / "validation.json", validation(0.375).model_copy(update={"fragment": str(outside)}))
+    dump(run / "sweep" / "h50" / "fragment" / "manifest.json", manifest().model_copy(update={"name": "sweep-point"}))
     dump(run / "sweep" / "h50" / "validate" / "validation.json", validation(0.5, ssim=0.7))
     r = invoke("--run", run, "--sweep", run / "sweep", "--compare", "none", "--json")
     assert r.exit_code == 0, r.output
     inputs = json.loads(r.stdout)["provenance"]["inputs"]
     assert inputs["manifest"].endswith("red-circle/manifest.json")
     assert inputs["validation"] == "run1/validate/validation.json"
+
+
+@pytest.mark.parametrize(("name", "change", "needles"), [
+    ("validate/validation.json", {"seeds": "x"}, ("validation.json", "seeds")),
+    ("validate/validation.json", {"aggregate": {"ssim_mean": 0.9}}, ("validation.json", "aggregate")),
+    ("validate/validation.json", {"schema_version": 9}, ("validation.json", "schema_version 9", "upgrade frag")),
+    ("profile/context.json", {"timings": {"total_s": "slow"}}, ("context.json", "timings")),
+    ("fragment/selection.json", {"removed": {"m": ["a"]}}, ("selection.json", "removed")),
+    ("fragment/manifest.json", {"techniques": [{"name": 1}]}, ("manifest", "techniques")),
+    ("bench/bench.json", {"speedup": None}, ("bench", "speedup")),
+])
+def test_a_wrong_typed_file_is_a_one_line_error(tmp_path, name, change, needles):
+    from tests.helpers import assert_one_line_error
+
+    run = make_run(tmp_path)
+    data = json.loads((run / name).read_text())
+    dump(run / name, {**data, **change})
+    assert_one_line_error(invoke("--run", run, "--compare", "none"), *needles)
+
+
+def test_a_v1_manifest_is_read_migrated(tmp_path):
+    import shutil
+
+    run = make_run(tmp_path)
+    shutil.rmtree(run / "fragment")
+    shutil.copytree(ROOT / "tests" / "fixtures" / "v1_shapes_h80" / "fragment", run / "fragment")
+    r = invoke("--run", run, "--compare", "none", "--json")
+    assert r.exit_code == 0, r.output
+    techniques = json.loads(r.stdout)["fragment"]["techniques"]
+    assert len(techniques) == 1 and techniques[0]["unit"] == "attention_heads"
+    assert 0 < techniques[0]["removed_fraction"] < 1
+
+
+def test_the_committed_baseline_is_still_comparable(tmp_path):
+    """The baseline under reports/baseline was written with schema_version 1; its metrics still diff."""
+    import shutil
+
+    base = reports_dir() / "baseline" / "shapes"
+    base.mkdir(parents=True)
+    shutil.copy(ROOT / "reports" / "baseline" / "shapes" / "metrics_summary.json", base)
+    r = invoke("--run", make_run(tmp_path), "--compare", "baseline", "--json")
+    assert r.exit_code == 0, r.output
+    diff = json.loads((Path(json.loads(r.stdout)["report_dir"]) / "regression_diff.json").read_text())
+    rows = {row["metric"]: row for row in diff["metrics"]}
+    assert diff["baseline"]["path"].endswith("baseline/shapes")
+    assert rows["ssim_mean"]["baseline"] is not None and rows["ssim_mean"]["status"] in ("PASS", "FAIL")
+
+
+def test_no_head_technique_leaves_h1_unavailable(tmp_path):
+    run = make_run(tmp_path)
+    steps = [{"name": "step_cache", "version": 1, "summary": TechniqueSummary()}]
+    dump(run / "validate" / "validation.json", validation(0.0, techniques=steps))
+    dump(run / "fragment" / "manifest.json", manifest(techniques=[{**steps[0], "config": {}}]))
+    r = invoke("--run", run, "--compare", "none", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    h1 = summary["hypotheses"][0]
+    assert h1["status"] == "UNAVAILABLE" and "attention_heads" in h1["note"]
+    assert summary["fragment"]["techniques"][0]["unit"] is None
+    assert any("quality_vs_retention.png not drawn" in n for n in summary["notes"])

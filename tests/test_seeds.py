@@ -26,3 +26,22 @@ def test_pick_steps():
         pick_steps(0, None)
     with pytest.raises(FragError):
         pick_steps(10, 3, "cubic")
+
+
+@pytest.mark.parametrize("spec", ["99999999999999999999", "0-99999999999999999999", "100001", "9223372036854775808"])
+def test_huge_seed_requests_are_refused_not_overflowed(spec):
+    with pytest.raises(FragError, match="100,000|2\\*\\*63"):
+        parse_seeds(spec)
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"steps": 100000}, "--steps 100000"), ({"steps": 0}, "--steps 0"), ({"guidance": float("nan")}, "--guidance nan"),
+    ({"guidance": float("inf")}, "--guidance inf"), ({"width": 65536}, "--width 65536"), ({"height": 0}, "--height 0"),
+    ({"width": 100}, "multiple of 8"),
+])
+def test_numeric_generation_options_are_bounded_before_loading(kwargs, needle):
+    from fragcli.generation import check_options
+
+    with pytest.raises(FragError, match=needle):
+        check_options(**kwargs)
+    check_options(steps=20, guidance=7.5, width=512, height=768)

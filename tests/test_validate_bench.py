@@ -1,30 +1,23 @@
-"""`frag validate` and tools/bench.py on the tiny model: files, numbers that must agree, refusals."""
+"""`frag validate` on the tiny model: files, numbers that must agree, refusals (bench: test_bench_sweep_cli.py)."""
 
 import json
-import shutil
 
 import pytest
 
-from fragcli.bench import main as bench_main
-from tests.helpers import assert_one_line_error, run_cli
+from fragcli.records import ValidationRecord
+from tests.helpers import assert_one_line_error, private_copy, run_cli, tiny_chain
 
 PROMPT = "a red circle on a blue background"
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vchain")
-    prof, frag = root / "profile", root / "fragment"
-    assert run_cli("profile", PROMPT, "-m", "tiny", "--seeds", "0,1", "--steps", "3", "--out", prof).exit_code == 0
-    assert run_cli("extract", prof, "--head-retention", "0.6", "--out", frag).exit_code == 0
-    return root, prof, frag
+    return tiny_chain(tmp_path_factory.mktemp("vchain"), PROMPT)
 
 
 @pytest.fixture
 def fragment(chain, tmp_path):
-    dst = tmp_path / "fragment"
-    shutil.copytree(chain[2], dst)
-    return dst
+    return private_copy(chain[2], tmp_path)
 
 
 def test_validate_writes_record_grid_and_manifest_blocks(chain, fragment, tmp_path):
@@ -43,10 +36,11 @@ def test_validate_writes_record_grid_and_manifest_blocks(chain, fragment, tmp_pa
     assert all(p["clip_full"] is None and 0 < p["ssim"] <= 1 for p in rec["per_image"])
     assert rec["paraphrases"]["prompts"] == ["a crimson disc on an azure backdrop", "a red round dot, blue background"]
     assert rec["weight_bytes"]["after"] < rec["weight_bytes"]["before"]
-    assert rec["heads_removed_fraction"] == pytest.approx(1 - rec["head_retention"])
+    ValidationRecord.model_validate(rec)
     manifest = json.loads((fragment / "manifest.json").read_text())
+    assert [t["summary"] for t in rec["techniques"]] == [t["summary"] for t in manifest["techniques"]]
     assert manifest["quality"]["ssim_mean"] == pytest.approx(rec["aggregate"]["ssim_mean"])
-    assert manifest["reuse"]["paraphrases"] == 2
+    assert manifest["reuse"]["paraphrases_tested"] == 2
     # the manifest changed, but the fragment still loads (artifact hashes cover the weights, not the manifest)
     r = run_cli("generate", PROMPT, "--fragment", fragment, "--seeds", "1", "--steps", "1", "--strict",
                 "--out", tmp_path / "g")
@@ -78,25 +72,4 @@ def test_validate_refuses_bad_input(fragment, tmp_path):
     assert not (tmp_path / "v").exists()
 
 
-def test_bench_side_by_side(fragment, tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    assert bench_main([str(fragment), "--variants", "2", "--out", str(out)]) == 0
-    b = json.loads(out.read_text())
-    assert b["_type"] == "frag.bench" and b["variants"] == 2
-    f, x = b["full"], b["fragment"]
-    assert b["speedup"] == pytest.approx(f["per_image_s"] / x["per_image_s"])
-    assert x["weight_bytes"] < f["weight_bytes"] and b["weight_reduction"] > 0
-    assert x["params"] < f["params"]
-    saved = f["per_image_s"] - x["per_image_s"]
-    cost = b["profile_cost_s"] + b["extract_cost_s"]
-    assert b["break_even_images"] == (pytest.approx(cost / saved) if saved > 0 else None)
-    assert b["profile_cost_s"] > 0 and b["extract_cost_s"] > 0
-    perf = json.loads((fragment / "manifest.json").read_text())["performance"]
-    assert perf["speedup"] == pytest.approx(b["speedup"])
-
-
-def test_bench_refuses_a_corrupt_fragment(fragment, tmp_path, capsys):
-    (fragment / "fragment.safetensors").write_bytes(b"garbage")
-    assert bench_main([str(fragment), "--variants", "1", "--out", str(tmp_path / "b.json")]) == 2
-    assert "does not match its hash" in capsys.readouterr().err
-    assert not (tmp_path / "b.json").exists()
+# frag bench and frag sweep: tests/test_bench_sweep_cli.py

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Benchmark a fragment against its full model, side by side in one process. See fragcli/bench.py."""
+"""Kept for old scripts: the same as `frag bench` (see `frag bench --help`; --out is now a folder)."""
 
 import sys
 
-from fragcli.bench import main
+from fragcli.cli.app import app
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(app(["bench", *sys.argv[1:]], prog_name="frag"))

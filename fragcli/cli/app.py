@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -52,11 +53,61 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """frag: build prompt-specific fragments of text-to-image diffusion models."""
 
 
+def quiet_libraries() -> None:
+    """diffusers/transformers to errors only, no library progress bars (frag draws its own), no FutureWarnings."""
+    import warnings
+
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for lib in (dlogging, tlogging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+def set_threads() -> None:
+    """``FRAG_THREADS=N`` pins torch's CPU threads (1 is steadiest on a shared machine)."""
+    n = os.environ.get("FRAG_THREADS")
+    if n:
+        try:
+            count = max(1, int(n))
+        except ValueError:
+            raise FragError(f"FRAG_THREADS={n!r} is not a number", "set FRAG_THREADS to a positive integer") from None
+        import torch
+
+        torch.set_num_threads(count)
+
+
+def configure_process() -> None:
+    """The process-wide settings of the ``frag`` command, made here only (library calls change none of them)."""
+    set_threads()
+    quiet_libraries()
+
+
+def _with_process_setup(func):
+    """Run ``configure_process`` when a command starts (after its options parse, so ``--help`` stays fast), and
+    release the output locks the command still holds when it ends, however it ends."""
+
+    @functools.wraps(func)
+    def command(*args, **kwargs):
+        from fragcli.paths import release_held_locks
+
+        try:
+            configure_process()
+            return func(*args, **kwargs)
+        finally:
+            release_held_locks()
+
+    return command
+
+
 def _register() -> None:
     from fragcli.cli import commands
 
     for name, func in commands.COMMANDS.items():
-        app.command(name)(func)
+        app.command(name)(_with_process_setup(func))
 
 
 _register()

@@ -1,42 +1,13 @@
-"""`frag extract PROFILE_DIR`: turn a profile into a fragment (plan the head selection, check it, apply it)."""
+"""`frag extract PROFILE_DIR`: turn a profile into a fragment (plan every technique, check the stack, apply it)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from fragcli.cli import options as o
-
-
-def _load_context(profile_dir: Path) -> dict:
-    from fragcli.errors import FragError
-    from fragcli.paths import read_json
-
-    if not profile_dir.is_dir():
-        raise FragError(f"profile folder {profile_dir} does not exist", "pass the folder that frag profile printed")
-    ctx = read_json(profile_dir / "context.json", "profile context")
-    if not isinstance(ctx, dict) or ctx.get("_type") != "frag.profile":
-        raise FragError(f"{profile_dir / 'context.json'} is not a frag profile context", "re-run frag profile")
-    for key in ("model", "prompt", "seeds", "steps", "profiled_steps"):
-        if key not in ctx:
-            raise FragError(f"profile context lacks {key!r}", "re-run frag profile with this version of frag")
-    return ctx
-
-
-def load_profiled_model(ctx: dict, model: str | None, device: str, dtype: str):
-    """The profile's model (or ``--model``), refusing one whose hash differs from the profile's."""
-    from fragcli.errors import FragError
-    from fragcli.models import load_model, spec_of
-
-    spec = model or spec_of(ctx["model"])
-    loaded = load_model(spec, device, dtype)
-    if loaded.hash != ctx["model"]["hash"]:
-        raise FragError(f"model {spec} ({loaded.hash[:12]}) is not the profiled model ({ctx['model']['hash'][:12]})",
-                        "pass the profiled model with --model, or re-run frag profile")
-    return loaded
 
 
 def extract(
@@ -59,86 +30,43 @@ def extract(
     overwrite: o.Overwrite = False,
     json_out: o.Json = False,
 ):
-    """Build a fragment from a profile: score heads, write and check selection.json, prune physically, and
-    save fragment.safetensors (the delta over the base model) plus a versioned manifest.json.
+    """Build a fragment from a profile: every technique plans from the profile (head pruning writes
+    selection.json), the whole stack is checked, then applied; saves fragment.safetensors (the delta over the base
+    model) and a versioned, hashed manifest.json.
 
     Example: frag extract reports/shapes/20260101T000000Z/profile --head-retention 0.7
     """
+    from fragcli.api import extract as run_extract
     from fragcli.console import err, print_json
-    from fragcli.fragment import build_fragment
-    from fragcli.paths import check_out_dir, fragments_dir, safe_name
-    from fragcli.selection import SelectionParams, plan, read_profile, score_heads
 
-    t0 = time.perf_counter()
-    params = SelectionParams(head_retention, score, per_module, safety_margin, stability_threshold)
-    params.check()
-    ctx = _load_context(Path(profile_dir))
-    ctx["profile_dir"] = str(Path(profile_dir).resolve())
-    cols = read_profile(Path(profile_dir))
-    frag_name = name or safe_name(f"{ctx['model']['name']}-{ctx['prompt'][:40]}-h{round(head_retention * 100)}")
-    target = check_out_dir(Path(out) if out else fragments_dir() / frag_name, overwrite)
-    selection = plan(score_heads(cols, score), params)
-    loaded = load_profiled_model(ctx, model, device, dtype)
-    if simulate:
-        _simulate(loaded, ctx, selection, target, json_out)
-        return
-    costs = {"profile_s": float(ctx.get("timings", {}).get("total_s", 0.0)), "extract_s": time.perf_counter() - t0}
-    manifest = build_fragment(loaded, ctx, selection, target, frag_name, costs)
-    summary = {
-        "out": str(target), "name": manifest.name, "heads_total": manifest.pruning.heads_total,
-        "heads_kept": manifest.pruning.heads_kept, "achieved_retention": manifest.pruning.achieved_retention,
-        "params": manifest.params, "weight_bytes": manifest.weight_bytes, "costs": manifest.costs,
-    }
+    options = {"head_retention": head_retention, "score": score, "per_module": per_module,
+               "safety_margin": safety_margin, "stability_threshold": stability_threshold}
+    result = run_extract(profile_dir, options, out=out, overwrite=overwrite, name=name, model=model, device=device,
+                         dtype=dtype, simulate=simulate, show_progress=not json_out)
     if json_out:
-        print_json(summary)
+        print_json(result.summary())
         return
-    _print_summary(err, selection, manifest)
-    typer.echo(f"fragment written to {target}")
+    if result.simulate:
+        err.print(f"simulated {len(result.plans)} technique(s) as masks")
+        typer.echo(f"plan and masked images written to {result.out}")
+        return
+    _print_summary(err, result.manifest)
+    typer.echo(f"fragment written to {result.out}")
 
 
-def _print_summary(console, selection: dict, manifest) -> None:
+def _print_summary(console, manifest) -> None:
     from rich.table import Table
 
-    from fragcli.profiling.recorder import top_block
-
     table = Table(title=f"fragment {manifest.name}", show_lines=False)
-    for col in ("block", "heads", "kept", "removed"):
-        table.add_column(col, justify="right" if col != "block" else "left")
-    per_block: dict[str, list[int]] = {}
-    for m, kept in selection["kept"].items():
-        b = per_block.setdefault(top_block(m), [0, 0])
-        b[0] += kept + len(selection["removed"][m])
-        b[1] += kept
-    for b, (total, kept) in per_block.items():
-        table.add_row(b, str(total), str(kept), str(total - kept))
+    for col in ("technique", "unit", "removed", "of", "fraction", "params -", "bytes -"):
+        table.add_column(col, justify="left" if col in ("technique", "unit") else "right")
+    for t in manifest.techniques:
+        s = t.summary
+        table.add_row(t.name, s.unit or "-", "-" if s.units_removed is None else str(s.units_removed),
+                      "-" if s.units_total is None else str(s.units_total),
+                      "-" if s.removed_fraction is None else f"{s.removed_fraction:.1%}", f"{s.params_removed:,}",
+                      f"{s.bytes_saved:,}")
     console.print(table)
     p, w = manifest.params, manifest.weight_bytes
-    console.print(f"heads kept {manifest.pruning.heads_kept}/{manifest.pruning.heads_total} "
-                  f"({manifest.pruning.achieved_retention:.0%}); parameters -{p['removed']:,} "
-                  f"({p['removed'] / p['before']:.2%} of the pipeline); weights {w['before'] / 2**20:.1f} MiB -> "
-                  f"{w['after'] / 2**20:.1f} MiB")
-
-
-def _simulate(loaded, ctx: dict, selection: dict, target: Path, json_out: bool) -> None:
-    """Apply the plan as a reversible mask on the full model and render the profile's seeds."""
-    from fragcli.console import err, print_json, progress
-    from fragcli.generation import generate, resolve_settings
-    from fragcli.paths import atomic_write_json, staged_dir
-    from fragcli.techniques import HeadPruneConfig, apply_technique
-
-    s = resolve_settings(loaded, ctx["prompt"], ctx["steps"], ctx.get("guidance"), ctx.get("width"), ctx.get("height"),
-                         ctx.get("negative_prompt", ""))
-    apply_technique(loaded.denoiser, HeadPruneConfig({m: r for m, r in selection["removed"].items() if r}, mode="mask"))
-    seeds = ctx["seeds"]
-    with progress("simulating (masked heads)", len(seeds) * s.steps, not json_out) as adv:
-        result = generate(loaded.pipe, s, seeds, loaded.device, advance=adv)
-    with staged_dir(target) as tmp:
-        atomic_write_json(tmp / "selection.json", selection)
-        (tmp / "images").mkdir()
-        for seed, img in result.images.items():
-            img.save(tmp / "images" / f"seed-{seed}.png")
-    if json_out:
-        print_json({"out": str(target), "simulate": True, "heads_removed": selection["heads_removed"]})
-    else:
-        err.print(f"simulated: {selection['heads_removed']}/{selection['heads_total']} heads masked")
-        typer.echo(f"plan and masked images written to {target}")
+    console.print(f"parameters -{p['removed']:,} ({p['removed'] / p['before']:.2%} of the pipeline); weights "
+                  f"{w['before'] / 2**20:.1f} MiB -> {w['after'] / 2**20:.1f} MiB")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -37,38 +36,17 @@ def generate(
 
     Example: frag generate "a large red circle in the center on a blue background" --fragment auto --seeds 0-31 --batch-size 4
     """
+    from fragcli.api import generate as run_generate
     from fragcli.console import err, print_json, warn
-    from fragcli.generation import check_prompt
-    from fragcli.models import default_model
-    from fragcli.paths import check_out_dir, reports_dir, safe_name, timestamp
-    from fragcli.runs import run_generation
 
-    check_prompt(prompt)
-    from fragcli.seeds import parse_seeds
-
-    seed_list = parse_seeds(seeds)
-    name = model or _fragment_model(fragment) or default_model()
-    target = check_out_dir(Path(out) if out else reports_dir() / safe_name(name) / timestamp() / "generate", overwrite)
-    run = run_generation(name, prompt, fragment, seed_list, target, steps=steps, guidance=guidance,
-                         negative_prompt=negative_prompt, width=width, height=height, batch_size=batch_size,
-                         device=device, dtype=dtype, strict=strict, show_progress=not json_out, on_fallback=warn)
+    result = run_generate(prompt, fragment=fragment, strict=strict, model=model, seeds=seeds, steps=steps,
+                          guidance=guidance, negative_prompt=negative_prompt, width=width, height=height,
+                          batch_size=batch_size, device=device, dtype=dtype, out=out, overwrite=overwrite,
+                          show_progress=not json_out, on_fallback=warn)
     if json_out:
-        print_json({k: run[k] for k in ("out", "model", "fragment", "fallback_reason", "images_per_min", "total_s")})
+        print_json(result.summary())
         return
+    run = result.run
     used = run["fragment"] or "the full model"
-    err.print(f"{len(seed_list)} images with {used}: {run['images_per_min']:.1f} images/min")
-    typer.echo(f"images written to {target}")
-
-
-def _fragment_model(fragment: str | None) -> str | None:
-    """With a fragment folder and no --model, use the fragment's base model."""
-    if not fragment or fragment == "auto":
-        return None
-    from fragcli.errors import FragError
-    from fragcli.manifest import read_manifest
-
-    try:
-        base = read_manifest(Path(fragment)).base_model
-    except FragError:
-        return None  # refused later, with the reason, by the fallback logic
-    return base.spec
+    err.print(f"{len(run['seeds'])} images with {used}: {run['images_per_min']:.1f} images/min")
+    typer.echo(f"images written to {result.out}")

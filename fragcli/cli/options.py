@@ -31,3 +31,8 @@ Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (de
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder (atomically).")]
 Json = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")]
+Paraphrases = Annotated[
+    Path | None, typer.Option("--paraphrases", help="One prompt per line (default for shapes: the prompt's family).")
+]
+ParaphraseSeeds = Annotated[int, typer.Option("--paraphrase-seeds", min=1, help="Seeds per paraphrase.")]
+Thresholds = Annotated[Path | None, typer.Option("--thresholds", help="Gates file (default: built-in defaults).")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -37,33 +36,19 @@ def profile(
 
     Example: frag profile "a large red circle in the center on a blue background" --seeds 4 --profile-steps 5
     """
+    from fragcli.api import profile as run_profile
     from fragcli.console import err, print_json
-    from fragcli.generation import check_prompt, resolve_settings
-    from fragcli.models import default_model, load_model
-    from fragcli.paths import check_out_dir, reports_dir, safe_name, timestamp
-    from fragcli.profiling.run import run_profile
-    from fragcli.seeds import parse_seeds, pick_steps
 
-    check_prompt(prompt)
-    seed_list = parse_seeds(seeds)
-    if steps is not None and steps < 1:
-        from fragcli.errors import FragError
-
-        raise FragError(f"--steps must be at least 1 (got {steps})", "pass --steps 1 or more")
-    name = model or default_model()
-    target = Path(out) if out else reports_dir() / safe_name(name) / timestamp() / "profile"
-    target = check_out_dir(target, overwrite)
-    loaded = load_model(name, device, dtype)
-    settings = resolve_settings(loaded, prompt, steps, guidance, width, height, negative_prompt)
-    chosen = pick_steps(settings.steps, profile_steps, step_spacing)
-    ctx = run_profile(loaded, settings, seed_list, chosen, target, exact_entropy, show_progress=not json_out)
-    summary = {"out": str(target), "model": ctx["model"], "rows": ctx["rows"], "seeds": ctx["seeds"],
-               "profiled_steps": ctx["profiled_steps"], "timings": ctx["timings"]}
+    result = run_profile(prompt, model=model, seeds=seeds, steps=steps, profile_steps=profile_steps,
+                         step_spacing=step_spacing, exact_entropy=exact_entropy, guidance=guidance,
+                         negative_prompt=negative_prompt, width=width, height=height, device=device, dtype=dtype,
+                         out=out, overwrite=overwrite, show_progress=not json_out)
     if json_out:
-        print_json(summary)
-    else:
-        t = ctx["timings"]
-        err.print(f"profiled [bold]{loaded.name}[/] ({loaded.hash[:12]}) on {len(seed_list)} seeds x "
-                  f"{len(chosen)}/{settings.steps} steps: {ctx['rows']['profile']} head rows, "
-                  f"{ctx['rows']['blocks']} block rows; profiling overhead x{t['overhead_ratio']:.2f}")
-        typer.echo(f"profile written to {target}")
+        print_json(result.summary())
+        return
+    ctx = result.context
+    t = ctx["timings"]
+    err.print(f"profiled [bold]{ctx['model']['name']}[/] ({ctx['model']['hash'][:12]}) on {len(ctx['seeds'])} seeds x "
+              f"{len(ctx['profiled_steps'])}/{ctx['steps']} steps: {ctx['rows']['profile']} head rows, "
+              f"{ctx['rows']['blocks']} block rows; profiling overhead x{t['overhead_ratio']:.2f}")
+    typer.echo(f"profile written to {result.out}")

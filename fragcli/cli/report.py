@@ -71,10 +71,10 @@ def report(
 
     Example: frag report --run reports/shapes/20250101T000000Z --compare baseline --gate thresholds.yaml
     """
+    from fragcli.api import report as run_report
     from fragcli.console import err, print_json, warn
-    from fragcli.report import make_report
 
-    result = make_report(run, compare=compare, gate=gate, out=out, sweeps=sweep or [], overwrite=overwrite)
+    result = run_report(run, compare=compare, gate=gate, out=out, sweeps=sweep or [], overwrite=overwrite)
     summary = result.summary
     _tables(summary)
     for note in summary["notes"]:

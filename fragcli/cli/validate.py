@@ -13,15 +13,13 @@ from fragcli.cli import options as o
 def validate(
     fragment_dir: Annotated[Path, typer.Argument(help="A fragment folder written by frag extract.")],
     seeds: o.Seeds = "20",
-    paraphrases: Annotated[
-        Path | None, typer.Option("--paraphrases", help="One prompt per line (default for shapes: the prompt's family).")
-    ] = None,
-    paraphrase_seeds: Annotated[int, typer.Option("--paraphrase-seeds", min=1, help="Seeds per paraphrase.")] = 2,
+    paraphrases: o.Paraphrases = None,
+    paraphrase_seeds: o.ParaphraseSeeds = 2,
     simulate: Annotated[bool, typer.Option("--simulate", help="Validate the masked (logical) model instead.")] = False,
     clip_model: Annotated[str | None, typer.Option("--clip-model", help="open_clip model name (real models).")] = None,
     clip_weights: Annotated[Path | None, typer.Option("--clip-weights", help="Local CLIP weights file.")] = None,
     lpips_weights: Annotated[Path | None, typer.Option("--lpips-weights", help="Local AlexNet weights for LPIPS.")] = None,
-    thresholds: Annotated[Path | None, typer.Option("--thresholds", help="Gates file (default: built-in defaults).")] = None,
+    thresholds: o.Thresholds = None,
     profile: Annotated[Path | None, typer.Option("--profile", help="Reuse this profile's full-model images.")] = None,
     model: o.Model = None,
     device: o.Device = "auto",
@@ -37,28 +35,15 @@ def validate(
 
     Example: frag validate fragments/demo --seeds 8 --thresholds thresholds.yaml
     """
+    from fragcli.api import validate as run_validate
     from fragcli.console import err, print_json
-    from fragcli.manifest import read_manifest
-    from fragcli.paraphrases import default_paraphrases, read_paraphrases
-    from fragcli.paths import check_out_dir, reports_dir, safe_name, timestamp
-    from fragcli.seeds import parse_seeds
-    from fragcli.validation import ValidateOptions, validate_fragment, write_validation
 
-    seed_list = parse_seeds(seeds)
-    para = read_paraphrases(paraphrases) if paraphrases else None
-    manifest = read_manifest(fragment_dir)
-    reason = None
-    if para is None:
-        para, reason = default_paraphrases(manifest.base_model.name, manifest.generation.prompt)
-    target = Path(out) if out else reports_dir() / safe_name(manifest.base_model.name) / timestamp() / "validate"
-    target = check_out_dir(target, overwrite)
-    opts = ValidateOptions(seed_list, para, paraphrase_seeds, simulate, model, device, dtype, clip_model, clip_weights,
-                           lpips_weights, thresholds, profile, show_progress=not json_out)
-    result = validate_fragment(fragment_dir, opts)
-    rec = result["record"]
-    if reason:
-        rec["unavailable"]["paraphrases"] = reason
-    write_validation(result, target, Path(fragment_dir))
+    result = run_validate(fragment_dir, seeds=seeds, paraphrases=paraphrases, paraphrase_seeds=paraphrase_seeds,
+                          simulate=simulate, clip_model=clip_model, clip_weights=clip_weights,
+                          lpips_weights=lpips_weights, thresholds=thresholds, profile=profile, model=model,
+                          device=device, dtype=dtype, out=out, overwrite=overwrite, show_progress=not json_out)
+    rec, target = result.record, result.out
+    seed_list = rec["seeds"]
     a = rec["aggregate"]
     summary = {"out": str(target), "passed": rec["passed"], "aggregate": a, "unavailable": rec["unavailable"],
                "reuse_pass_rate": rec["paraphrases"]["pass_rate"] if rec["paraphrases"] else None}

@@ -46,15 +46,19 @@ class ClipScorer:
         if open_clip.get_model_config(name) is None:
             raise FragError(f"unknown open_clip model {model_name!r}",
                             "pass --clip-model a name from open_clip.list_models() or a model-config .json")
+        disabled = logging.root.manager.disable  # restored below: a library call leaves logging as it found it
         try:
-            logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": our weights load next
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
+            logging.disable(max(disabled, logging.WARNING))  # open_clip warns "initialized randomly": weights load next
+            import torch
+
+            with torch.random.fork_rng(devices=[]):  # random init, overwritten below: keep the caller's RNG state
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
             tokenizer = open_clip.get_tokenizer(name)
         except Exception as exc:
             raise FragError(f"cannot build open_clip model {name!r} offline ({type(exc).__name__}: {str(exc)[:120]})",
                             "choose a --clip-model whose text tower needs no download") from None
         finally:
-            logging.disable(logging.NOTSET)
+            logging.disable(disabled)
         state = load_state_dict_file(path)  # weights_only loading, before open_clip's format conversions
         try:
             _load_open_clip_state(model, state)

@@ -43,8 +43,9 @@ class LpipsMetric:
         else:
             path = check_weights_file(weights_path, "--lpips-weights")
         import lpips
+        import torch
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):  # random init, then our weights
             warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated"
             net = lpips.LPIPS(net="alex", version="0.1", pretrained=False, pnet_rand=True, verbose=False)
         backbone = load_state_dict_file(path)

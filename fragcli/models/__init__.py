@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,32 +51,30 @@ class LoadedModel:
         }
 
 
-def quiet_libraries(progress: bool = False) -> None:
-    """Keep diffusers/transformers to errors only (frag draws its own progress bars)."""
+@contextmanager
+def _quiet_loading():
+    """diffusers/transformers warn about their own arguments and draw progress bars while loading; silence both,
+    and restore the caller's warnings filters, log levels and progress-bar switches afterwards."""
     import warnings
 
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    dlogging.set_verbosity_error()
-    tlogging.set_verbosity_error()
-    if not progress:
-        dlogging.disable_progress_bar()
-        tlogging.disable_progress_bar()
-
-
-def set_threads() -> None:
-    """``FRAG_THREADS=N`` pins torch's CPU threads (1 is steadiest on a shared machine)."""
-    n = os.environ.get("FRAG_THREADS")
-    if n:
-        import torch
-
+    libs = (dlogging, tlogging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        for lib in libs:
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
         try:
-            torch.set_num_threads(max(1, int(n)))
-        except ValueError:
-            raise FragError(f"FRAG_THREADS={n!r} is not a number", "set FRAG_THREADS to a positive integer") from None
+            yield
+        finally:
+            for lib, (level, bars) in zip(libs, saved, strict=True):
+                lib.set_verbosity(level)
+                if bars:
+                    lib.enable_progress_bar()
 
 
 def resolve_device(device: str) -> str:
@@ -154,19 +153,28 @@ def _hf_snapshot(repo_id: str) -> Path:
                         "download it on a connected machine (huggingface-cli download) or pass a local folder") from None
 
 
-def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", progress: bool = False) -> LoadedModel:
-    """Load ``spec`` (see ``--model``) on ``device`` in ``dtype``; every failure is a one-line FragError."""
+def load_model(spec: str | None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load ``spec`` (see ``--model``) on ``device`` in ``dtype``; every failure is a one-line FragError.
+
+    Changes no process-wide state: torch threads, warnings filters, library log levels and torch's global RNG are
+    as they were (``frag`` sets threads and log levels once, at start-up: ``fragcli.cli.app``).
+    """
+    with _quiet_loading():
+        return _load_model((spec or default_model()).strip(), device, dtype)
+
+
+def _load_model(spec: str, device: str, dtype: str) -> LoadedModel:
+    import torch
+
     from fragcli.models.hashing import hash_model_path, hash_state_dict
 
-    spec = (spec or default_model()).strip()
-    set_threads()
     dev = resolve_device(device)
     dtype_name, torch_dtype = resolve_dtype(dtype, dev)
-    quiet_libraries(progress)
     folder = None
     defaults: dict = {}
     if spec in BUILTINS and not BUILTINS[spec].on_disk:
-        pipe = BUILDERS[spec]()
+        with torch.random.fork_rng(devices=[]):  # the builders seed torch: keep the caller's RNG state
+            pipe = BUILDERS[spec]()
         model_hash = _cached_builtin_hash(spec, pipe, hash_state_dict)
         name, source, defaults = spec, f"builtin:{spec}", dict(BUILTINS[spec].defaults)
         pipe = pipe.to(dtype=torch_dtype)

@@ -1,12 +1,30 @@
-"""Where profiling rows accumulate (columnar lists), and which seed/step is current."""
+"""Where profiling rows accumulate (one columnar table per collector), and which seed/step is current.
+
+Columns are declared once, as (name, pyarrow type name) pairs: the attention-head table by the head-pruning
+technique's collector (``HEAD_TYPES``), the block table by the profiler itself (``BLOCK_TYPES``), and any other
+table by the technique whose collector fills it. ``arrow_schema`` turns a declaration into a pyarrow schema.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-HEAD_COLUMNS = ("module", "block", "kind", "head", "heads", "seed", "step", "timestep",
-                "energy_pre", "energy_post", "entropy")
-BLOCK_COLUMNS = ("block", "block_type", "seed", "step", "timestep", "rel_update", "cos_prev")
+HEAD_TYPES = {"module": "string", "block": "string", "kind": "string", "head": "int32", "heads": "int32",
+              "seed": "int64", "step": "int32", "timestep": "float64", "energy_pre": "float64",
+              "energy_post": "float64", "entropy": "float64"}
+BLOCK_TYPES = {"block": "string", "block_type": "string", "seed": "int64", "step": "int32", "timestep": "float64",
+               "rel_update": "float64", "cos_prev": "float64"}
+HEAD_COLUMNS = tuple(HEAD_TYPES)
+BLOCK_COLUMNS = tuple(BLOCK_TYPES)
+HEAD_TABLE, BLOCK_TABLE = "profile", "blocks"
+
+
+def arrow_schema(columns):
+    """``[(name, type name), ...]`` (or a dict) -> ``pyarrow.Schema``."""
+    import pyarrow as pa
+
+    items = columns.items() if isinstance(columns, dict) else columns
+    return pa.schema([(name, getattr(pa, type_name)()) for name, type_name in items])
 
 
 def top_block(module_name: str) -> str:
@@ -27,9 +45,31 @@ class Recorder:
     step: int = -1
     timestep: float = float("nan")
     enabled: bool = True
-    heads: dict[str, list] = field(default_factory=lambda: {c: [] for c in HEAD_COLUMNS})
-    blocks: dict[str, list] = field(default_factory=lambda: {c: [] for c in BLOCK_COLUMNS})
+    columns: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # table -> declared columns
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)  # table -> column -> values
     first_context: object = None  # encoder_hidden_states of the first denoiser call (for the embedding hash)
+
+    def __post_init__(self) -> None:
+        self.declare(HEAD_TABLE, list(HEAD_TYPES.items()))
+        self.declare(BLOCK_TABLE, list(BLOCK_TYPES.items()))
+
+    def declare(self, table: str, columns: list[tuple[str, str]]) -> None:
+        """Declare ``table``'s columns (again with the same columns is a no-op; different ones are refused)."""
+        columns = [tuple(c) for c in columns]
+        if table in self.columns:
+            if self.columns[table] != columns:
+                raise ValueError(f"profile table {table!r} is declared twice with different columns")
+            return
+        self.columns[table] = columns
+        self.tables[table] = {name: [] for name, _ in columns}
+
+    @property
+    def heads(self) -> dict[str, list]:
+        return self.tables[HEAD_TABLE]
+
+    @property
+    def blocks(self) -> dict[str, list]:
+        return self.tables[BLOCK_TABLE]
 
     @property
     def active(self) -> bool:
@@ -38,23 +78,26 @@ class Recorder:
     def start_seed(self, seed: int) -> None:
         self.seed, self.step = seed, -1
 
+    def add_rows(self, table: str, rows: dict[str, list]) -> None:
+        """Append equal-length columns to ``table`` (seed/step/timestep are filled in when not given)."""
+        cols = self.tables[table]
+        n = len(next(iter(rows.values())))
+        for key, value in (("seed", self.seed), ("step", self.step), ("timestep", self.timestep)):
+            if key in cols and key not in rows:
+                rows[key] = [value] * n
+        missing = set(cols) - set(rows)
+        if missing:
+            raise ValueError(f"rows for profile table {table!r} lack columns {sorted(missing)}")
+        for key, values in rows.items():
+            cols[key] += list(values)
+
     def add_heads(self, module: str, kind: str, energy_pre, energy_post, entropy) -> None:
         n = len(energy_pre)
-        cols = self.heads
-        cols["module"] += [module] * n
-        cols["block"] += [top_block(module)] * n
-        cols["kind"] += [kind] * n
-        cols["head"] += list(range(n))
-        cols["heads"] += [n] * n
-        cols["seed"] += [self.seed] * n
-        cols["step"] += [self.step] * n
-        cols["timestep"] += [self.timestep] * n
-        cols["energy_pre"] += [float(x) for x in energy_pre]
-        cols["energy_post"] += [float(x) for x in energy_post]
-        cols["entropy"] += [float(x) for x in entropy]
+        self.add_rows(HEAD_TABLE, {
+            "module": [module] * n, "block": [top_block(module)] * n, "kind": [kind] * n, "head": list(range(n)),
+            "heads": [n] * n, "energy_pre": [float(x) for x in energy_pre],
+            "energy_post": [float(x) for x in energy_post], "entropy": [float(x) for x in entropy]})
 
     def add_block(self, block: str, block_type: str, rel_update: float, cos_prev: float) -> None:
-        cols = self.blocks
-        for key, value in (("block", block), ("block_type", block_type), ("seed", self.seed), ("step", self.step),
-                           ("timestep", self.timestep), ("rel_update", rel_update), ("cos_prev", cos_prev)):
-            cols[key].append(value)
+        self.add_rows(BLOCK_TABLE, {"block": [block], "block_type": [block_type], "rel_update": [rel_update],
+                                    "cos_prev": [cos_prev]})

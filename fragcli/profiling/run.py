@@ -14,7 +14,8 @@ from fragcli.memory import PeakMemory, weight_bytes
 from fragcli.paths import atomic_write_json, staged_dir
 from fragcli.profiling.blocks import install_block_stats, install_context_hook, remove_block_stats
 from fragcli.profiling.processor import install_profiler, remove_profiler
-from fragcli.profiling.recorder import BLOCK_COLUMNS, HEAD_COLUMNS, Recorder
+from fragcli.profiling.recorder import Recorder, arrow_schema
+from fragcli.records import ProfileContext
 
 
 def versions() -> dict:
@@ -26,21 +27,15 @@ def versions() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def head_schema():
-    import pyarrow as pa
+def technique_collectors() -> list:
+    """The extra profile signals that the registered techniques declare (deduplicated by name)."""
+    from fragcli.techniques import REGISTRY
 
-    types = {"module": pa.string(), "block": pa.string(), "kind": pa.string(), "head": pa.int32(),
-             "heads": pa.int32(), "seed": pa.int64(), "step": pa.int32(), "timestep": pa.float64(),
-             "energy_pre": pa.float64(), "energy_post": pa.float64(), "entropy": pa.float64()}
-    return pa.schema([(c, types[c]) for c in HEAD_COLUMNS])
-
-
-def block_schema():
-    import pyarrow as pa
-
-    types = {"block": pa.string(), "block_type": pa.string(), "seed": pa.int64(), "step": pa.int32(),
-             "timestep": pa.float64(), "rel_update": pa.float64(), "cos_prev": pa.float64()}
-    return pa.schema([(c, types[c]) for c in BLOCK_COLUMNS])
+    seen: dict[str, object] = {}
+    for technique in REGISTRY:
+        for c in technique.collectors():
+            seen.setdefault(c.name, c)
+    return list(seen.values())
 
 
 def _tensor_hash(t) -> str | None:
@@ -59,11 +54,16 @@ def run_profile(model, s: GenSettings, seeds: list[int], profiled_steps: list[in
     recorder = Recorder(profiled_steps=set(profiled_steps), sample_rows=None if exact_entropy else 256)
     started = time.perf_counter()
 
+    collectors = technique_collectors()
+    for c in collectors:
+        recorder.declare(c.table, c.columns)
     install_profiler(den, recorder)
     install_block_stats(den, recorder)
     install_context_hook(den, recorder)
     images, per_seed = {}, []
     try:
+        for c in collectors:
+            c.install(den, recorder)
         with PeakMemory(device) as peak, progress("profiling seeds x steps", len(seeds) * s.steps, show_progress) as adv:
             for seed in seeds:
                 recorder.start_seed(seed)
@@ -77,6 +77,9 @@ def run_profile(model, s: GenSettings, seeds: list[int], profiled_steps: list[in
                 images[seed] = run_batch(pipe, s, [seed], device, on_step=step_done)[0]
                 per_seed.append(time.perf_counter() - t0)
     finally:
+        for c in collectors:
+            if c.remove is not None:
+                c.remove(den)
         remove_profiler(den)
         remove_block_stats(den)
 
@@ -87,42 +90,24 @@ def run_profile(model, s: GenSettings, seeds: list[int], profiled_steps: list[in
         plain_s = time.perf_counter() - t0
 
     timesteps = [float(t) for t in getattr(pipe.scheduler, "timesteps", [])]
-    heads = pa.table({c: recorder.heads[c] for c in HEAD_COLUMNS}, schema=head_schema())
-    blocks = pa.table({c: recorder.blocks[c] for c in BLOCK_COLUMNS}, schema=block_schema())
-    context = {
-        "_type": "frag.profile",
-        "schema_version": 1,
-        "model": model.describe(),
-        "prompt": s.prompt,
-        "negative_prompt": s.negative_prompt,
-        "text_embedding_hash": _tensor_hash(recorder.first_context),
-        "seeds": seeds,
-        "steps": s.steps,
-        "profiled_steps": sorted(profiled_steps),
-        "timesteps": timesteps,
-        "guidance": s.guidance,
-        "width": s.width,
-        "height": s.height,
-        "scheduler": type(pipe.scheduler).__name__,
-        "exact_entropy": exact_entropy,
-        "versions": versions(),
-        "timings": {
-            "total_s": time.perf_counter() - started,
-            "per_seed_s": per_seed,
-            "plain_first_seed_s": plain_s,
-            "profiled_first_seed_s": per_seed[0],
-            "overhead_ratio": per_seed[0] / plain_s if plain_s > 0 else None,
-        },
-        "memory": {**peak.as_dict(), "weight_bytes": weight_bytes(pipe)},
-        "rows": {"profile": heads.num_rows, "blocks": blocks.num_rows},
-        "images": {str(seed): f"images/seed-{seed}.png" for seed in seeds},
-        "settings": s.as_dict(),
-    }
+    tables = {name: pa.table(recorder.tables[name], schema=arrow_schema(cols)) for name, cols in recorder.columns.items()}
+    context = ProfileContext(
+        model=model.describe(), prompt=s.prompt, negative_prompt=s.negative_prompt,
+        text_embedding_hash=_tensor_hash(recorder.first_context), seeds=seeds, steps=s.steps,
+        profiled_steps=sorted(profiled_steps), timesteps=timesteps, guidance=s.guidance, width=s.width,
+        height=s.height, scheduler=type(pipe.scheduler).__name__, exact_entropy=exact_entropy, versions=versions(),
+        timings={"total_s": time.perf_counter() - started, "per_seed_s": per_seed, "plain_first_seed_s": plain_s,
+                 "profiled_first_seed_s": per_seed[0],
+                 "overhead_ratio": per_seed[0] / plain_s if plain_s > 0 else None},
+        memory={**peak.as_dict(), "weight_bytes": weight_bytes(pipe)},
+        rows={name: t.num_rows for name, t in tables.items()},
+        images={str(seed): f"images/seed-{seed}.png" for seed in seeds}, settings=s.as_dict(),
+    ).dump()
     with staged_dir(out) as tmp:
         (tmp / "images").mkdir()
         for seed, img in images.items():
             img.save(tmp / "images" / f"seed-{seed}.png")
-        pq.write_table(heads, tmp / "profile.parquet")
-        pq.write_table(blocks, tmp / "blocks.parquet")
+        for name, table in tables.items():
+            pq.write_table(table, tmp / f"{name}.parquet")
         atomic_write_json(tmp / "context.json", context)
     return context

@@ -9,18 +9,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fragcli.paths import atomic_write_json, check_out_dir, reports_dir, safe_name, staged_dir
+from fragcli.paths import check_out_dir, reports_dir, safe_name, staged_dir
+from fragcli.records import write_record
 from fragcli.report import plots
 from fragcli.report.collect import collect_run
 from fragcli.report.diff import find_comparison, regression_diff
 from fragcli.report.heads import head_importance
+from fragcli.report.schema import HeadImportance, RegressionDiff, ReportSummary
 from fragcli.report.summary import attach_gates, build_summary
 from fragcli.thresholds import load_thresholds
 
 
 @dataclass
 class ReportResult:
-    """Where the report went, its summary (``metrics_summary.json``) and regression diff."""
+    """Where the report went, its summary (``metrics_summary.json``) and regression diff, as written (the dicts of
+    a ``ReportSummary`` and a ``RegressionDiff``)."""
 
     out: Path
     summary: dict[str, Any]
@@ -61,9 +64,9 @@ def make_report(run: Path, compare: str = "latest", gate: Path | None = None, ou
     summary["report_dir"] = str(target)
     with staged_dir(target) as tmp:
         written = ["metrics_summary.json", "regression_diff.json"]
-        atomic_write_json(tmp / "regression_diff.json", diff)
+        diff = write_record(tmp / "regression_diff.json", RegressionDiff.model_validate(diff))
         if heads is not None:
-            atomic_write_json(tmp / "head_importance.json", heads)
+            heads = write_record(tmp / "head_importance.json", HeadImportance.model_validate(heads))
             written.append("head_importance.json")
         for src in (rf.profile_parquet, rf.blocks_parquet):
             if src is not None:
@@ -76,7 +79,7 @@ def make_report(run: Path, compare: str = "latest", gate: Path | None = None, ou
             "latency.png": plots.latency(summary["performance"], tmp / "latency.png"),
         }
         why = {"head_usage.png": "no profile.parquet or selection.json",
-               "quality_vs_retention.png": "no validation point with heads_removed_fraction",
+               "quality_vs_retention.png": "no validation point with a technique's removed_fraction",
                "latency.png": "no bench.json with per-image times"}
         for name, path in drawn.items():
             if path is None:
@@ -84,5 +87,5 @@ def make_report(run: Path, compare: str = "latest", gate: Path | None = None, ou
             else:
                 written.append(name)
         summary["files"] = sorted(written)
-        atomic_write_json(tmp / "metrics_summary.json", summary)
+        summary = write_record(tmp / "metrics_summary.json", ReportSummary.model_validate(summary))
     return ReportResult(target, summary, diff)

@@ -2,7 +2,10 @@
 
 ``--run DIR`` may be a run folder laid out any way: the files are searched for up to ``MAX_DEPTH`` folders deep
 (hidden folders, e.g. half-written staging folders, are skipped). A file with a known name but another
-``_type`` is skipped with a note; a malformed one, or one written by a newer frag, is an error.
+``_type`` is skipped with a note; every other file is validated with its model (manifests with
+``fragcli.manifest.read_manifest``, which migrates version 1; bench.json with ``fragcli.bench.read_bench``; the rest
+with ``fragcli.records``), so a malformed, wrong-typed or newer one is a one-line FragError naming file and field.
+Each ``Source`` holds the validated record as its JSON dict.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from fragcli.hypotheses import Source
 from fragcli.paths import read_json
 
 MAX_DEPTH = 3
-SCHEMA_VERSION = 1
 KNOWN: dict[str, str] = {
     "context.json": "frag.profile",
     "manifest.json": "frag.fragment",
@@ -51,7 +53,7 @@ class RunFiles:
         """Every validation point (the run's and the sweeps'), for H1 and the quality-vs-retention plot."""
         seen, out = set(), []
         for src in [*self.validations, *self.sweep]:
-            key = os.path.realpath(src.data.get("_file", src.path))
+            key = os.path.realpath(src.file or src.path)
             if key not in seen:
                 seen.add(key)
                 out.append(src)
@@ -88,6 +90,27 @@ def _walk(root: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
     return sorted(out, key=lambda p: (len(p.parts), str(p)))
 
 
+def _validated(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (read from ``path``) validated with the model of its file, as that model's JSON dict."""
+    from fragcli.records import ProfileContext, ValidationRecord, parse_record
+
+    name = path.name
+    if name == "manifest.json":
+        from fragcli.manifest import read_manifest
+
+        return read_manifest(path.parent).model_dump(by_alias=True, mode="json")
+    if name == "bench.json":
+        from fragcli.bench import read_bench
+
+        return read_bench(path).model_dump(by_alias=True, mode="json")
+    if name == "selection.json":
+        from fragcli.techniques.head_selection import HeadSelection
+
+        return parse_record(HeadSelection, data, path, "re-run frag extract").model_dump(by_alias=True, mode="json")
+    cls = {"context.json": ProfileContext, "validation.json": ValidationRecord}[name]
+    return parse_record(cls, data, path).dump()
+
+
 def _load(path: Path, root: Path, notes: list[str]) -> Source | None:
     data = read_json(path, path.name)
     want = KNOWN[path.name]
@@ -95,12 +118,7 @@ def _load(path: Path, root: Path, notes: list[str]) -> Source | None:
     if not isinstance(data, dict) or data.get("_type") != want:
         notes.append(f"skipped {rel}: _type is not {want}")
         return None
-    version = data.get("schema_version")
-    if isinstance(version, int) and version > SCHEMA_VERSION:
-        raise FragError(f"{rel} has schema_version {version}; this frag reads {SCHEMA_VERSION}", "upgrade frag")
-    data = dict(data)
-    data["_file"] = str(path)
-    return Source(rel, data)
+    return Source(rel, _validated(path, data), str(path))
 
 
 def _pick(sources: list[Source], role: str, notes: list[str]) -> Source | None:
@@ -135,7 +153,7 @@ def _linked_manifest(found: dict[str, list[Source]], notes: list[str]) -> Source
 
 
 def _folder(src: Source) -> Path:
-    return Path(src.data["_file"]).parent
+    return Path(src.file).parent
 
 
 def _pick_primary(validations: list[Source], manifest: Source | None, manifest_sha: str | None) -> Source | None:
@@ -189,7 +207,7 @@ def collect_run(run: Path, sweeps: list[Path] | None = None) -> RunFiles:
     rf.validations = found["validation.json"]
     if not any([rf.profile, rf.manifest, rf.bench, rf.selection, rf.validations]):
         raise FragError(f"no frag files (context.json, manifest.json, validation.json, bench.json) under {rf.root}",
-                        "pass --run the folder that frag profile/extract/validate and tools/bench.py wrote into")
+                        "pass --run the folder that frag profile/extract/validate/bench wrote into")
     if rf.profile is not None:
         folder = _folder(rf.profile)
         rf.profile_parquet = folder / "profile.parquet" if (folder / "profile.parquet").is_file() else None
@@ -197,7 +215,7 @@ def collect_run(run: Path, sweeps: list[Path] | None = None) -> RunFiles:
         if rf.profile_parquet is None:
             rf.notes.append(f"no profile.parquet beside {rf.profile.path}")
     if rf.manifest is not None:
-        rf.manifest_sha256 = sha256_file(Path(rf.manifest.data["_file"]))
+        rf.manifest_sha256 = sha256_file(Path(rf.manifest.file))
     for sweep in sweeps or []:
         more, notes = _scan(sweep, "--sweep")
         rf.notes.extend(notes)

@@ -11,8 +11,12 @@ import json
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from pydantic import ValidationError
+
 from fragcli.errors import FragError
 from fragcli.paths import read_json, reports_dir, safe_name
+from fragcli.records import invalid
+from fragcli.report.schema import ComparedReport
 from fragcli.thresholds import Regression
 from fragcli.thresholds import finite_number as _num
 
@@ -49,11 +53,17 @@ class Comparison(NamedTuple):
 
 
 def _read_summary(path: Path) -> dict[str, Any] | None:
+    """The comparable part of a ``metrics_summary.json`` of any schema_version (``ComparedReport``), or None."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return data if isinstance(data, dict) and data.get("_type") == "frag.report" else None
+    if not isinstance(data, dict) or data.get("_type") != "frag.report":
+        return None
+    try:
+        return ComparedReport.model_validate(data).model_dump(by_alias=True)
+    except ValidationError:
+        return None
 
 
 def _summaries_under(folder: Path, depth: int = 3) -> list[tuple[Path, dict[str, Any]]]:
@@ -108,14 +118,17 @@ def find_comparison(compare: str, model: dict[str, Any], exclude: Path | None = 
         raise FragError(f"--compare {compare}: no such report folder", "pass latest, baseline, none or a report folder")
     data = _read_summary(path / SUMMARY)
     if data is None:
-        read_json(path / SUMMARY, "comparison report")  # a missing/malformed file -> its own FragError
+        raw = read_json(path / SUMMARY, "comparison report")  # a missing/malformed file -> its own FragError
+        if isinstance(raw, dict) and raw.get("_type") == "frag.report":
+            try:
+                ComparedReport.model_validate(raw)
+            except ValidationError as exc:
+                raise invalid(path / SUMMARY, exc, "pass a folder written by frag report") from None
         raise FragError(f"--compare {path / SUMMARY} is not a frag report", "pass a folder written by frag report")
     note = f"compared with {path}"
     if not same_model(data):
         note += f" (a report for model {(data.get('model') or {}).get('name')}, not {name})"
     return Comparison(path, data, note)
-
-
 
 
 def diff_metric(rule: Rule, baseline: Any, current: Any, tol: Regression) -> dict[str, Any]:

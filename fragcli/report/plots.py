@@ -71,30 +71,36 @@ def head_usage(heads: dict[str, Any] | None, path: Path) -> Path | None:
 
 
 def quality_vs_retention(points: list[dict[str, Any]], clip_delta_max: float | None, path: Path) -> Path | None:
-    """Aggregate CLIP delta, SSIM and LPIPS against the fraction of heads removed, one marker per sweep point."""
-    pts = [p for p in points if p.get("heads_removed_fraction") is not None]
-    if not pts:
+    """Aggregate CLIP delta, SSIM and LPIPS against the fraction of units removed (one line per unit of the
+    techniques' summaries, e.g. attention_heads), one marker per sweep point."""
+    units = list(dict.fromkeys(u for p in points for u in (p.get("removed_fraction") or {})))
+    if not units:
         return None
-    pts.sort(key=lambda p: p["heads_removed_fraction"])
-    x = [p["heads_removed_fraction"] for p in pts]
     series = [("clip_delta_rel", "CLIP delta (rel)"), ("ssim_mean", "SSIM"), ("lpips_mean", "LPIPS")]
-    present = [(k, label) for k, label in series if any(p.get(k) is not None for p in pts)]
+    present = [(k, label) for k, label in series
+               if any(p.get(k) is not None and (p.get("removed_fraction") or {}) for p in points)]
     if not present:
         return None
     fig = _figure(6, 2.2 * len(present) + 0.6)
     axes = fig.subplots(len(present), 1, sharex=True, squeeze=False)[:, 0]
+    n_points = 0
     for ax, (key, label) in zip(axes, present, strict=True):
-        xs = [xi for xi, p in zip(x, pts, strict=True) if p.get(key) is not None]
-        ys = [p[key] for p in pts if p.get(key) is not None]
-        ax.plot(xs, ys, marker="o")
+        for unit in units:
+            pts = sorted((p["removed_fraction"][unit], p[key]) for p in points
+                          if unit in (p.get("removed_fraction") or {}) and p.get(key) is not None)
+            n_points = max(n_points, len(pts))
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=unit.replace("_", " "))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if key == "clip_delta_rel" and clip_delta_max is not None:
             ax.axhline(-clip_delta_max, color="red", linestyle="--", linewidth=1,
                        label=f"allowed drop ({clip_delta_max:g})")
+        if len(units) > 1 or key == "clip_delta_rel":
             ax.legend(fontsize=8)
-    axes[-1].set_xlabel("fraction of attention heads removed")
-    axes[0].set_title(f"quality vs retention ({len(pts)} point(s))")
+    names = " / ".join(u.replace("_", " ") for u in units)
+    axes[-1].set_xlabel(f"fraction of {names} removed")
+    axes[0].set_title(f"quality vs retention ({n_points} point(s))")
     return _save(fig, path)
 
 

@@ -1,5 +1,8 @@
-"""Assemble ``metrics_summary.json`` (``_type: frag.report``): quality, performance, memory, hypotheses, gates,
-notes and provenance, from the files ``collect`` found."""
+"""Assemble ``metrics_summary.json`` (``_type: frag.report``, ``fragcli.records.ReportSummary``): quality,
+performance, memory, hypotheses, gates, notes and provenance, from the (validated) files ``collect`` found.
+
+Nothing here knows a technique: the fragment block lists every technique's summary, and the sweep points carry
+the fraction of each unit (attention_heads, ...) the techniques removed."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fragcli import __version__
-from fragcli.hypotheses import FAIL, Source, score_hypotheses
+from fragcli.hypotheses import FAIL, Source, removed_fractions, score_hypotheses
 from fragcli.report.collect import RunFiles
 from fragcli.thresholds import IMAGE_GATES, Thresholds
 from fragcli.thresholds import finite_number as _num
@@ -20,8 +23,7 @@ LIBRARIES = ("torch", "diffusers", "transformers", "open_clip_torch", "lpips", "
              "numpy", "pyarrow", "matplotlib", "pydantic", "typer")
 AGGREGATE_KEYS = {"clip_delta_rel": "clip_delta_rel", "lpips": "lpips_mean", "ssim": "ssim_mean",
                   "phash_distance": "phash_mean"}
-
-
+SUMMARY_KEYS = ("unit", "units_removed", "units_total", "removed_fraction", "params_removed", "bytes_saved")
 
 
 def _d(src: Source | None, *keys: str) -> Any:
@@ -43,9 +45,8 @@ def quality_block(primary: Source | None) -> dict[str, Any]:
         "mode": v.get("mode"),
         "prompt": v.get("prompt"),
         "seeds": len(seeds) or len(v.get("per_image") or []),
-        "head_retention": _num(v.get("head_retention")),
-        "heads_removed_fraction": _num(v.get("heads_removed_fraction")),
-        "aggregate": {k: val for k, val in (v.get("aggregate") or {}).items()},
+        "removed_fraction": removed_fractions(v),
+        "aggregate": dict(v.get("aggregate") or {}),
         "unavailable": dict(v.get("unavailable") or {}),
         "reuse_pass_rate": _num(para.get("pass_rate")) if para else None,
         "paraphrases": len(para.get("prompts") or para.get("per_prompt") or []) if para else 0,
@@ -53,19 +54,27 @@ def quality_block(primary: Source | None) -> dict[str, Any]:
     }
 
 
+def _bench_runs(bench: Source | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """bench.json's baseline (the full model) and fragment entries of ``runs``."""
+    runs = _d(bench, "runs") or {}
+    return runs.get(_d(bench, "baseline") or "full") or {}, runs.get("fragment") or {}
+
+
 def performance_block(bench: Source | None, profile: Source | None) -> dict[str, Any]:
     """Speed from bench.json (and profiling cost from context.json)."""
     out: dict[str, Any] = {"source": bench.path if bench else None}
     if bench is not None:
         b = bench.data
+        full, frag = _bench_runs(bench)
         out.update({
             "device": b.get("device"), "variants": b.get("variants"), "steps": b.get("steps"),
             "repeats": b.get("repeats"),
-            "full_per_image_s": _num(_d(bench, "full", "per_image_s")),
-            "fragment_per_image_s": _num(_d(bench, "fragment", "per_image_s")),
-            "full_images_per_min": _num(_d(bench, "full", "images_per_min")),
-            "fragment_images_per_min": _num(_d(bench, "fragment", "images_per_min")),
+            "full_per_image_s": _num(full.get("per_image_s")),
+            "fragment_per_image_s": _num(frag.get("per_image_s")),
+            "full_images_per_min": _num(full.get("images_per_min")),
+            "fragment_images_per_min": _num(frag.get("images_per_min")),
             "speedup": _num(b.get("speedup")),
+            "speedup_range": b.get("speedup_range"),
             "break_even_images": _num(b.get("break_even_images")),
             "profile_cost_s": _num(b.get("profile_cost_s")),
             "extract_cost_s": _num(b.get("extract_cost_s")),
@@ -79,32 +88,34 @@ def performance_block(bench: Source | None, profile: Source | None) -> dict[str,
 def memory_block(bench: Source | None, manifest: Source | None, primary: Source | None) -> dict[str, Any]:
     """Weights and peak memory: bench.json first, then the manifest / validation weight counts."""
     out: dict[str, Any] = {"source": None}
-    for src in (bench, manifest, primary):
-        if src is None:
-            continue
-        before = _num(_d(src, "full", "weight_bytes")) if src is bench else _num(_d(src, "weight_bytes", "before"))
-        after = _num(_d(src, "fragment", "weight_bytes")) if src is bench else _num(_d(src, "weight_bytes", "after"))
-        if before is not None and after is not None:
-            out.update(source=src.path, full_weight_bytes=before, fragment_weight_bytes=after,
-                       weight_reduction=_num(_d(src, "weight_reduction")) if src is bench else
-                       (1 - after / before if before else None))
-            pb = _d(src, "params", "before") if src is not bench else _num(_d(src, "full", "params"))
-            pa = _d(src, "params", "after") if src is not bench else _num(_d(src, "fragment", "params"))
-            out.update(full_params=_num(pb), fragment_params=_num(pa))
-            break
+    full, frag = _bench_runs(bench)
+    if bench is not None and _num(full.get("weight_bytes")) is not None and _num(frag.get("weight_bytes")) is not None:
+        out.update(source=bench.path, full_weight_bytes=_num(full["weight_bytes"]),
+                   fragment_weight_bytes=_num(frag["weight_bytes"]),
+                   weight_reduction=_num(bench.data.get("weight_reduction")),
+                   full_params=_num(full.get("params")), fragment_params=_num(frag.get("params")))
+    else:
+        for src in (manifest, primary):
+            before, after = _num(_d(src, "weight_bytes", "before")), _num(_d(src, "weight_bytes", "after"))
+            if src is not None and before is not None and after is not None:
+                out.update(source=src.path, full_weight_bytes=before, fragment_weight_bytes=after,
+                           weight_reduction=1 - after / before if before else None,
+                           full_params=_num(_d(src, "params", "before")),
+                           fragment_params=_num(_d(src, "params", "after")))
+                break
     if bench is not None:
         out.update({
-            "full_peak_bytes": _num(_d(bench, "full", "peak_bytes_est")),
-            "fragment_peak_bytes": _num(_d(bench, "fragment", "peak_bytes_est")),
-            "full_cuda_peak_bytes": _num(_d(bench, "full", "cuda_peak_bytes")),
-            "fragment_cuda_peak_bytes": _num(_d(bench, "fragment", "cuda_peak_bytes")),
+            "full_peak_bytes": _num(full.get("peak_bytes_est")),
+            "fragment_peak_bytes": _num(frag.get("peak_bytes_est")),
+            "full_cuda_peak_bytes": _num(full.get("cuda_peak_bytes")),
+            "fragment_cuda_peak_bytes": _num(frag.get("cuda_peak_bytes")),
             "peak_memory_reduction": _num(bench.data.get("peak_memory_reduction")),
         })
     return out
 
 
-def key_metrics(quality: dict[str, Any], perf: dict[str, Any], memory: dict[str, Any]) -> dict[str, float | None]:
-    """The flat numbers a later report diffs against (see report.diff.RULES)."""
+def key_metrics(quality: dict[str, Any], perf: dict[str, Any], memory: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a later report diffs against (see report.diff.RULES); ``removed_fraction``: unit -> fraction."""
     agg = quality.get("aggregate") or {}
     return {
         "clip_delta_rel": _num(agg.get("clip_delta_rel")),
@@ -113,7 +124,7 @@ def key_metrics(quality: dict[str, Any], perf: dict[str, Any], memory: dict[str,
         "phash_mean": _num(agg.get("phash_mean")),
         "pass_rate": _num(agg.get("pass_rate")),
         "reuse_pass_rate": _num(quality.get("reuse_pass_rate")),
-        "head_retention": _num(quality.get("head_retention")),
+        "removed_fraction": dict(quality.get("removed_fraction") or {}),
         "speedup": _num(perf.get("speedup")),
         "full_per_image_s": _num(perf.get("full_per_image_s")),
         "fragment_per_image_s": _num(perf.get("fragment_per_image_s")),
@@ -219,35 +230,42 @@ def provenance(rf: RunFiles) -> dict[str, Any]:
     }
 
 
+def fragment_block(rf: RunFiles) -> dict[str, Any]:
+    """The fragment and every technique's summary (from its manifest, else from the run's validation)."""
+    src = rf.manifest or rf.primary
+    techniques = []
+    for t in _d(src, "techniques") or []:
+        summary = t.get("summary") or {}
+        techniques.append({"name": t.get("name"), **{k: summary.get(k) for k in SUMMARY_KEYS}})
+    m = rf.manifest
+    return {"name": _d(m, "name") or _d(rf.primary, "fragment_name"),
+            "path": str(Path(m.file).parent) if m else _d(rf.primary, "fragment"),
+            "hash": rf.manifest_sha256, "techniques": techniques}
+
+
 def build_summary(rf: RunFiles, th: Thresholds, created: str) -> dict[str, Any]:
-    """Everything but the regression part (added by ``attach_regression``)."""
+    """Everything but the gates, the regression part (``attach_gates``), report_dir and files (``make_report``)."""
     model = rf.model()
     quality = quality_block(rf.primary)
     perf = performance_block(rf.bench, rf.profile)
     memory = memory_block(rf.bench, rf.manifest, rf.primary)
     hyps = score_hypotheses(rf.points, rf.primary, rf.bench, rf.manifest, th)
-    manifest = rf.manifest.data if rf.manifest else {}
     notes = list(rf.notes)
     for metric, reason in (quality.get("unavailable") or {}).items():
         notes.append(f"{metric} unavailable in validation: {reason}")
     return {
         "_type": "frag.report",
-        "schema_version": 1,
+        "schema_version": 2,
         "created": created,
         "run": {"id": rf.root.name, "dir": str(rf.root)},
         "model": model,
-        "fragment": {"name": manifest.get("name"), "path": str(Path(manifest["_file"]).parent) if manifest else None,
-                     "hash": rf.manifest_sha256,
-                     "head_retention": _num(_d(rf.manifest, "pruning", "head_retention")),
-                     "heads_kept": _d(rf.manifest, "pruning", "heads_kept"),
-                     "heads_total": _d(rf.manifest, "pruning", "heads_total")},
+        "fragment": fragment_block(rf),
         "hypotheses": hyps,
         "quality": quality,
         "performance": perf,
         "memory": memory,
         "metrics": key_metrics(quality, perf, memory),
-        "sweep": [{"source": p.path, "heads_removed_fraction": _num(p.data.get("heads_removed_fraction")),
-                   "head_retention": _num(p.data.get("head_retention")),
+        "sweep": [{"source": p.path, "removed_fraction": removed_fractions(p.data),
                    **{k: _num((p.data.get("aggregate") or {}).get(k))
                       for k in ("clip_delta_rel", "lpips_mean", "ssim_mean", "phash_mean", "pass_rate")}}
                   for p in rf.points],

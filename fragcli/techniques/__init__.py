@@ -1,40 +1,43 @@
-"""Compression techniques: one config dataclass + one ``apply_*`` function each, dispatched through a registry.
+"""Techniques: each one file (a versioned config + a ``Technique``), registered here once.
 
->>> from fragcli.techniques import apply_technique, HeadPruneConfig
->>> apply_technique(unet, HeadPruneConfig(removed={"mid_block.attentions.0.transformer_blocks.0.attn1": [3]}))
+Nothing outside this package knows a technique by name: frag iterates ``REGISTRY`` and calls the protocol of
+``fragcli.techniques.base`` (plan / check / apply / rebuild / mask / collectors / summary), and
+``fragcli.techniques.stack`` applies an ordered list of configs plan-then-apply.
+
+>>> from fragcli.techniques import REGISTRY
+>>> technique = REGISTRY.get("head_prune")
+>>> config = technique.Config(attention_heads_removed={"mid_block.attentions.0.transformer_blocks.0.attn1": [3]})
+>>> technique.apply(unet, config)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from fragcli.techniques.base import (
+    Applied,
+    Collector,
+    Plan,
+    Registry,
+    Technique,
+    TechniqueConfig,
+    TechniqueSummary,
+)
+from fragcli.techniques.head_prune import HeadPrune, HeadPruneConfig
 
-from fragcli.techniques.head_prune import HeadPruneConfig, apply_head_prune
-
-
-@dataclass(frozen=True)
-class Technique:
-    name: str
-    config: type
-    apply: Callable
-
-
-REGISTRY: dict[type, Technique] = {}
-
-
-def register(name: str, config: type, apply: Callable) -> None:
-    REGISTRY[config] = Technique(name, config, apply)
+REGISTRY = Registry()
+REGISTRY.register(HeadPrune())
 
 
-def apply_technique(denoiser, config):
-    """Apply ``config`` to ``denoiser`` with the technique registered for its type."""
-    try:
-        technique = REGISTRY[type(config)]
-    except KeyError:
-        raise TypeError(f"no technique registered for {type(config).__name__}") from None
+def register(technique: Technique) -> Technique:
+    """Add a technique (one call per technique file); its name must be new."""
+    return REGISTRY.register(technique)
+
+
+def apply_technique(denoiser, config: TechniqueConfig) -> Applied:
+    """Apply one config with the technique registered for its type (checked first; a refusal changes nothing)."""
+    technique = REGISTRY.for_config(config)
+    technique.check(denoiser, config)
     return technique.apply(denoiser, config)
 
 
-register("head_prune", HeadPruneConfig, apply_head_prune)
-
-__all__ = ["HeadPruneConfig", "apply_head_prune", "apply_technique", "register", "REGISTRY", "Technique"]
+__all__ = ["REGISTRY", "Applied", "Collector", "HeadPrune", "HeadPruneConfig", "Plan", "Registry", "Technique",
+           "TechniqueConfig", "TechniqueSummary", "apply_technique", "register"]

@@ -1,4 +1,4 @@
-"""Plan, then apply: score heads from a profile and choose which to remove (`selection.json`).
+"""Planning for head pruning: score heads from a profile and choose which to remove (`selection.json`).
 
 Scores (higher = more important), aggregated over seeds and profiled steps:
 - ``energy``:    E = mean ``energy_post`` (the RMS of the head's contribution after ``to_out``).
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from fragcli.errors import FragError
 
@@ -39,28 +39,37 @@ class SelectionParams:
             raise FragError(f"unknown --score {self.score!r}", f"use one of: {', '.join(SCORES)}")
         if not 0 <= self.safety_margin < 1:
             raise FragError(f"--safety-margin {self.safety_margin} is not in [0, 1)", "pass e.g. 0.05")
+        if not (math.isfinite(self.stability_threshold) and self.stability_threshold >= 0):
+            raise FragError(f"--stability-threshold {self.stability_threshold} is not a number >= 0",
+                            "pass e.g. 0.25 (1 or more protects no head)")
 
 
-def read_profile(profile_dir: Path):
-    """Read ``profile.parquet`` (columns checked); a missing or malformed file is a FragError."""
-    import pyarrow.parquet as pq
+class SelectionParamsRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    from fragcli.profiling.recorder import HEAD_COLUMNS
+    head_retention: float
+    score: str
+    per_module: bool
+    safety_margin: float
+    stability_threshold: float
 
-    path = Path(profile_dir) / "profile.parquet"
-    if not path.is_file():
-        raise FragError(f"no profile.parquet in {profile_dir}", "pass the folder that frag profile wrote")
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for damaged files
-        raise FragError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0][:120]})",
-                        "re-run frag profile") from None
-    missing = [c for c in HEAD_COLUMNS if c not in table.column_names]
-    if missing:
-        raise FragError(f"{path} lacks columns {missing}", "re-run frag profile with this version of frag")
-    if table.num_rows == 0:
-        raise FragError(f"{path} has no rows", "re-run frag profile")
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in HEAD_COLUMNS}
+
+class HeadSelection(BaseModel):
+    """``selection.json``: the head-pruning plan, written beside the manifest by ``frag extract``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type_: str = Field("frag.selection", alias="_type")
+    schema_version: int = 1
+    params: SelectionParamsRecord
+    removed: dict[str, list[int]] = Field(description="module -> head indices removed")
+    kept: dict[str, int] = Field(description="module -> heads kept")
+    scores: dict[str, list[float]] = Field(description="module -> score per head (higher = more important)")
+    instability: dict[str, list[float]] = Field(description="module -> rank std across seeds / (heads - 1)")
+    protected: dict[str, list[int]] = Field(description="module -> heads kept for rank instability")
+    heads_total: int
+    heads_removed: int
+    achieved_retention: float
 
 
 def _score(method: str, heads: int, h_idx: np.ndarray, e: np.ndarray, ent: np.ndarray, median_e: float) -> np.ndarray:
@@ -144,6 +153,7 @@ def plan(scores: dict, p: SelectionParams) -> dict:
         "achieved_retention": 1 - n_removed / total if total else 1.0,
     }
     check_selection(selection, scores)
+    HeadSelection.model_validate(selection)
     return selection
 
 

@@ -1,0 +1,269 @@
+"""frag as a library: one function per stage, each returning its typed record; the CLI only parses and prints.
+
+>>> from fragcli import api
+>>> prof = api.profile("a red circle on a blue background", model="tiny", seeds=4, out="runs/red/profile")
+>>> frag = api.extract(prof.out, {"head_retention": 0.7}, out="runs/red/fragment")
+>>> api.validate(frag.out, seeds=8, profile=prof.out, out="runs/red/validate").record["passed"]
+>>> api.bench(frag.out, variants=8, out="runs/red/bench").record.speedup
+>>> api.sweep(prof.out, [0.9, 0.7], seeds=4, out="runs/red/sweep").record.points[0].aggregate
+>>> api.report("runs/red", sweeps=["runs/red/sweep"]).summary["hypotheses"]
+
+Library calls change no process-wide state (warnings filters, torch threads, library log levels): the ``frag``
+command sets those once at start-up (``fragcli.cli.app``). Every bad input is a ``FragError``; nothing is written
+before the inputs are checked, and every output folder is swapped in whole (``--overwrite`` replaces it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fragcli.bench import BenchRecord
+from fragcli.extraction import ExtractResult, extract
+from fragcli.report import ReportResult
+from fragcli.sweep import SweepRecord
+
+__all__ = ["BenchResult", "ExtractResult", "GenerateResult", "ProfileResult", "ReportResult", "SweepResult",
+           "ValidateResult", "bench", "extract", "generate", "profile", "report", "sweep", "validate"]
+
+Seeds = str | int | Sequence[int]
+
+
+def _seeds(seeds: Seeds) -> list[int]:
+    from fragcli.seeds import parse_seeds
+
+    if isinstance(seeds, (str, int)):
+        return parse_seeds(seeds)
+    return parse_seeds(",".join(str(int(s)) for s in seeds))
+
+
+def _default_out(model_name: str, stage: str) -> Path:
+    from fragcli.paths import reports_dir, safe_name, timestamp
+
+    return reports_dir() / safe_name(model_name) / timestamp() / stage
+
+
+def _typed(cls_name: str, data: Any):
+    """``data`` as its ``fragcli.records`` model (validated), whether it is already one or its JSON dict."""
+    from fragcli import records
+
+    cls = getattr(records, cls_name)
+    return data if isinstance(data, cls) else cls.model_validate(data)
+
+
+@dataclass
+class ProfileResult:
+    out: Path
+    context: dict[str, Any]  # context.json (frag.profile)
+
+    def typed(self):
+        """context.json as ``fragcli.records.ProfileContext``."""
+        return _typed("ProfileContext", self.context)
+
+    def summary(self) -> dict[str, Any]:
+        c = self.context
+        return {"out": str(self.out), "model": c["model"], "rows": c["rows"], "seeds": c["seeds"],
+                "profiled_steps": c["profiled_steps"], "timings": c["timings"]}
+
+
+def profile(prompt: str, *, model: str | None = None, seeds: Seeds = 8, steps: int | None = None,
+            profile_steps: int | None = None, step_spacing: str = "uniform", exact_entropy: bool = False,
+            guidance: float | None = None, negative_prompt: str = "", width: int | None = None,
+            height: int | None = None, device: str = "auto", dtype: str = "auto", out: Path | None = None,
+            overwrite: bool = False, show_progress: bool = True) -> ProfileResult:
+    """Generate with the full model while recording per-head and per-block statistics (``frag profile``)."""
+    from fragcli.generation import check_options, check_prompt, resolve_settings
+    from fragcli.models import default_model, load_model
+    from fragcli.paths import check_out_dir
+    from fragcli.profiling.run import run_profile
+    from fragcli.seeds import pick_steps
+
+    check_prompt(prompt)
+    seed_list = _seeds(seeds)
+    check_options(steps, guidance, width, height)
+    name = model or default_model()
+    target = check_out_dir(Path(out) if out else _default_out(name, "profile"), overwrite)
+    loaded = load_model(name, device, dtype)
+    settings = resolve_settings(loaded, prompt, steps, guidance, width, height, negative_prompt)
+    chosen = pick_steps(settings.steps, profile_steps, step_spacing)
+    ctx = run_profile(loaded, settings, seed_list, chosen, target, exact_entropy, show_progress=show_progress)
+    return ProfileResult(target, ctx)
+
+
+@dataclass
+class ValidateResult:
+    out: Path
+    record: dict[str, Any]  # validation.json (frag.validation)
+
+    def typed(self):
+        """validation.json as ``fragcli.records.ValidationRecord``."""
+        return _typed("ValidationRecord", self.record)
+
+    def summary(self) -> dict[str, Any]:
+        rec = self.record
+        return {"out": str(self.out), "passed": rec["passed"], "aggregate": rec["aggregate"],
+                "unavailable": rec["unavailable"],
+                "reuse_pass_rate": rec["paraphrases"]["pass_rate"] if rec["paraphrases"] else None}
+
+
+def validate(fragment_dir: Path, *, seeds: Seeds = 20, paraphrases: Path | Sequence[str] | None = None,
+             paraphrase_seeds: int = 2, simulate: bool = False, clip_model: str | None = None,
+             clip_weights: Path | None = None, lpips_weights: Path | None = None, thresholds: Path | None = None,
+             profile: Path | None = None, model: str | None = None, device: str = "auto", dtype: str = "auto",
+             out: Path | None = None, overwrite: bool = False, show_progress: bool = True) -> ValidateResult:
+    """The fragment against its full model on the same seeds, gated by thresholds (``frag validate``): writes
+    validation.json and grid.png into ``out`` and the quality/reuse blocks of the fragment's manifest."""
+    from fragcli.manifest import read_manifest
+    from fragcli.paths import check_out_dir
+
+    manifest = read_manifest(Path(fragment_dir))
+    run = _prepare_validation(fragment_dir, manifest, seeds, paraphrases, paraphrase_seeds, simulate, clip_model,
+                              clip_weights, lpips_weights, thresholds, profile, model, device, dtype, show_progress)
+    target = check_out_dir(Path(out) if out else _default_out(manifest.base_model.name, "validate"), overwrite,
+                           inputs=[p for p in (fragment_dir, profile) if p is not None])
+    return run(target, None)
+
+
+def _prepare_validation(fragment_dir, manifest, seeds, paraphrases, paraphrase_seeds, simulate, clip_model,
+                        clip_weights, lpips_weights, thresholds, profile, model, device, dtype,
+                        show_progress) -> Callable[[Path, Path | None], ValidateResult]:
+    """Check the inputs (seeds, paraphrases) now; return ``run(target, recorded_fragment)``, which validates and
+    writes. ``recorded_fragment``: the path validation.json names (the sweep builds in a staging folder)."""
+    from fragcli.paraphrases import default_paraphrases, read_paraphrases
+    from fragcli.validation import ValidateOptions, validate_fragment, write_validation
+
+    seed_list = _seeds(seeds)
+    if isinstance(paraphrases, (str, Path)):
+        para = read_paraphrases(Path(paraphrases))
+    else:
+        para = list(paraphrases) if paraphrases is not None else None
+    reason = None
+    if para is None:
+        para, reason = default_paraphrases(manifest.base_model.name, manifest.profiling.prompt)
+    opts = ValidateOptions(seed_list, para, paraphrase_seeds, simulate, model, device, dtype, clip_model, clip_weights,
+                           lpips_weights, thresholds, profile, show_progress=show_progress)
+
+    def run(target: Path, recorded_fragment: Path | None) -> ValidateResult:
+        result = validate_fragment(Path(fragment_dir), opts)
+        rec = result["record"]
+        if reason:
+            rec["unavailable"]["paraphrases"] = reason
+        if recorded_fragment is not None:
+            rec["fragment"] = str(Path(recorded_fragment).resolve())
+        write_validation(result, target, Path(fragment_dir))
+        return ValidateResult(target, rec)
+
+    return run
+
+
+@dataclass
+class GenerateResult:
+    out: Path
+    run: dict[str, Any]  # run.json (frag.run)
+
+    def typed(self):
+        """run.json as ``fragcli.records.RunRecord``."""
+        return _typed("RunRecord", self.run)
+
+    def summary(self) -> dict[str, Any]:
+        return {k: self.run[k] for k in ("out", "model", "fragment", "fallback_reason", "images_per_min", "total_s")}
+
+
+def generate(prompt: str, *, fragment: str | Path | None = None, strict: bool = False, model: str | None = None,
+             seeds: Seeds = 8, steps: int | None = None, guidance: float | None = None, negative_prompt: str = "",
+             width: int | None = None, height: int | None = None, batch_size: int = 1, device: str = "auto",
+             dtype: str = "auto", out: Path | None = None, overwrite: bool = False, show_progress: bool = True,
+             on_fallback: Callable[[str], None] | None = None) -> GenerateResult:
+    """One image per seed, with ``fragment`` (a folder or 'auto') when it is accepted, else the full model
+    (``on_fallback(reason)`` is called; with ``strict`` the refusal is raised instead). Writes PNGs + run.json."""
+    from fragcli.generation import check_options, check_prompt
+    from fragcli.models import default_model
+    from fragcli.paths import check_out_dir
+    from fragcli.runs import run_generation
+
+    check_prompt(prompt)
+    check_options(steps, guidance, width, height)
+    seed_list = _seeds(seeds)
+    fragment = str(fragment) if fragment is not None else None
+    name = model or _fragment_model(fragment) or default_model()
+    inputs = [fragment] if fragment and fragment != "auto" else []
+    target = check_out_dir(Path(out) if out else _default_out(name, "generate"), overwrite, inputs=inputs)
+    run = run_generation(name, prompt, fragment, seed_list, target, steps=steps, guidance=guidance,
+                         negative_prompt=negative_prompt, width=width, height=height, batch_size=batch_size,
+                         device=device, dtype=dtype, strict=strict, show_progress=show_progress,
+                         on_fallback=on_fallback)
+    return GenerateResult(target, run)
+
+
+def _fragment_model(fragment: str | None) -> str | None:
+    """With a fragment folder and no model, use the fragment's base model."""
+    if not fragment or fragment == "auto":
+        return None
+    from fragcli.errors import FragError
+    from fragcli.manifest import read_manifest
+
+    try:
+        return read_manifest(Path(fragment)).base_model.spec
+    except FragError:
+        return None  # refused later, with the reason, by the fallback logic
+
+
+@dataclass
+class BenchResult:
+    out: Path  # the folder holding bench.json
+    record: BenchRecord
+
+    @property
+    def path(self) -> Path:
+        return self.out / "bench.json"
+
+
+def bench(fragment_dir: Path, *, variants: int = 32, batch_size: int = 1, repeats: int = 3, steps: int | None = None,
+          model: str | None = None, device: str = "auto", dtype: str = "auto", out: Path | None = None,
+          overwrite: bool = False, manifest: bool = True, show_progress: bool = True) -> BenchResult:
+    """The full model and the fragment side by side in one process, interleaved (``frag bench``): writes
+    ``out``/bench.json and, unless ``manifest=False``, the manifest's performance block."""
+    from fragcli.bench import check_bench_args, run_bench, write_bench
+    from fragcli.manifest import read_manifest
+    from fragcli.paths import check_out_dir
+
+    check_bench_args(variants, batch_size, repeats, steps)
+    m = read_manifest(Path(fragment_dir))
+    target = check_out_dir(Path(out) if out else _default_out(m.base_model.name, "bench"), overwrite,
+                           inputs=[fragment_dir])
+    record = run_bench(Path(fragment_dir), variants, batch_size, repeats, model, device, dtype, steps, show_progress)
+    write_bench(record, target, Path(fragment_dir) if manifest else None)
+    return BenchResult(target, record)
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    record: SweepRecord
+
+
+def sweep(profile_dir: Path, values: Sequence[float], *, option: str = "head_retention",
+          options: dict[str, Any] | None = None, seeds: Seeds = 4, paraphrases: Path | Sequence[str] | None = None,
+          paraphrase_seeds: int = 2, thresholds: Path | None = None, model: str | None = None, device: str = "auto",
+          dtype: str = "auto", out: Path | None = None, overwrite: bool = False,
+          show_progress: bool = True) -> SweepResult:
+    """Extract and validate at each value of one extract option (``frag sweep``): ``out``/<point>/fragment,
+    ``out``/<point>/validate and ``out``/sweep.json. ``options`` are the other extract options, fixed."""
+    from fragcli.sweep import run_sweep
+
+    target, record = run_sweep(Path(profile_dir), list(values), option=option, options=options or {}, seeds=seeds,
+                               paraphrases=paraphrases, paraphrase_seeds=paraphrase_seeds, thresholds=thresholds,
+                               model=model, device=device, dtype=dtype, out=out, overwrite=overwrite,
+                               show_progress=show_progress)
+    return SweepResult(target, record)
+
+
+def report(run: Path, *, compare: str = "latest", gate: Path | None = None, sweeps: Sequence[Path] = (),
+           out: Path | None = None, overwrite: bool = False) -> ReportResult:
+    """Score hypotheses H1-H5, check gates and regressions, write the report folder (``frag report``)."""
+    from fragcli.report import make_report
+
+    return make_report(Path(run), compare=compare, gate=gate, out=out, sweeps=[Path(s) for s in sweeps],
+                       overwrite=overwrite)

@@ -1,0 +1,185 @@
+"""Output folders: --overwrite replaces only what frag wrote, swaps are recoverable, one writer at a time."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fragcli.errors import FragError
+from fragcli.paths import MARKER, check_out_dir, recover_swap, release_lock, staged_dir
+
+
+def _write(out, files=("a.json",)):
+    with staged_dir(out) as tmp:
+        for f in files:
+            (tmp / f).write_text(json.dumps({"_type": "frag.test"}))
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_staged_dir_marks_what_frag_wrote(tmp_path):
+    out = tmp_path / "out"
+    _write(out, ("a.json", "b.png"))
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["files"] == ["a.json", "b.png"] and marker["_type"] == "frag.output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, lock or old copy left
+
+
+@pytest.mark.parametrize("where", ["frag_home", "cwd", "parent_of_home"])
+def test_overwrite_never_replaces_frag_home_the_cwd_or_their_parents(where, tmp_path, monkeypatch, frag_home):
+    (frag_home / "x").write_text("precious")
+    monkeypatch.chdir(frag_home)
+    target = {"frag_home": frag_home, "cwd": frag_home, "parent_of_home": frag_home.parent}[where]
+    with pytest.raises(FragError, match="refusing to overwrite"):
+        check_out_dir(target, overwrite=True)
+    assert (frag_home / "x").read_text() == "precious"
+
+
+def test_overwrite_refuses_folders_frag_did_not_write(tmp_path):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "me.jpg").write_bytes(b"jpeg")
+    with pytest.raises(FragError, match="frag did not write it"):
+        check_out_dir(other, overwrite=True)
+    ours = tmp_path / "ours"
+    _write(ours)
+    (ours / "notes.txt").write_text("mine")  # a user's file inside frag's output
+    with pytest.raises(FragError, match="files frag did not write .*notes.txt"):
+        check_out_dir(ours, overwrite=True)
+    assert (other / "me.jpg").exists() and (ours / "notes.txt").exists()
+
+
+def test_overwrite_replaces_a_folder_frag_wrote(tmp_path):
+    out = tmp_path / "out"
+    _write(out, ("old.json",))
+    assert check_out_dir(out, overwrite=True) == out
+    _write(out, ("new.json",))
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "new.json"]
+
+
+def test_an_input_or_a_folder_holding_one_is_never_the_output(tmp_path):
+    profile = tmp_path / "run" / "profile"
+    _write(profile)
+    for target in (profile, profile.parent):
+        with pytest.raises(FragError, match="an input of this command"):
+            check_out_dir(target, overwrite=True, inputs=[profile])
+
+
+def test_a_crash_between_the_renames_is_restored_on_the_next_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    _write(out, ("keep.json",))
+    old = tmp_path / f".out.old-{_dead_pid()}"
+    os.replace(out, old)  # the crash: the old copy moved aside, the new one never moved in
+    note = recover_swap(out)
+    assert "restored" in note and (out / "keep.json").exists() and not old.exists()
+    _write(out, ("keep.json",))
+    os.makedirs(old)  # the crash after the second rename: only the clean-up was left
+    check_out_dir(out, overwrite=True)
+    release_lock(out)
+    assert not old.exists() and (out / "keep.json").exists()
+
+
+def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
+    out = tmp_path / "out"
+    stale = tmp_path / f".out.{_dead_pid()}.abc123.tmp"
+    stale.mkdir()
+    (stale / "half.json").write_text("{")
+    recover_swap(out)
+    assert not stale.exists()
+
+
+def test_a_second_writer_of_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        import sys, time
+        from fragcli.paths import check_out_dir, staged_dir
+        check_out_dir({str(out)!r}, overwrite=True)
+        print("locked", flush=True)
+        sys.stdin.readline()
+        with staged_dir({str(out)!r}) as tmp:
+            (tmp / "first.json").write_text("{{}}")
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FragError, match=rf"being written by another frag process \(pid {holder.pid}\)"):
+            check_out_dir(out, overwrite=True)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=60) == 0
+    finally:
+        holder.kill()
+    assert (out / "first.json").exists()
+    check_out_dir(out, overwrite=True)  # released: now ours
+    _write(out)
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / ".out.lock").write_text(str(_dead_pid()))
+    check_out_dir(out, overwrite=False)
+    assert (tmp_path / ".out.lock").read_text() == str(os.getpid())
+    _write(out)
+    assert not (tmp_path / ".out.lock").exists()
+
+
+PROMPT = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    from tests.helpers import run_cli
+
+    root = tmp_path_factory.mktemp("outs")
+    r = run_cli("profile", PROMPT, "-m", "tiny", "--seeds", "1", "--steps", "1", "--out", root / "profile")
+    assert r.exit_code == 0, r.output
+    r = run_cli("extract", root / "profile", "--out", root / "fragment")
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["extract", "{p}", "--out", "{p}", "--overwrite"], "is an input"),
+    (["extract", "{p}", "--out", "{root}", "--overwrite"], "contains an input"),
+    (["validate", "{f}", "--seeds", "1", "--out", "{f}", "--overwrite"], "is an input"),
+    (["bench", "{f}", "--variants", "1", "--out", "{f}", "--overwrite"], "is an input"),
+    (["profile", PROMPT, "-m", "tiny", "--out", ".", "--overwrite"], "working directory"),
+])
+def test_overwrite_never_destroys_an_input_or_the_working_directory(chain, args, needle, monkeypatch):
+    from tests.helpers import assert_one_line_error, run_cli
+
+    monkeypatch.chdir(chain)
+    before = _tree(chain)
+    argv = [a.format(p=chain / "profile", f=chain / "fragment", root=chain) for a in args]
+    assert_one_line_error(run_cli(*argv), needle)
+    assert _tree(chain) == before
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--seeds", "99999999999999999999"], "100,000"),
+    (["--steps", "100000"], "--steps 100000"),
+    (["--width", "65536", "--height", "65536"], "--width 65536"),
+    (["--guidance", "nan"], "--guidance nan"),
+    (["--width", "0"], "--width 0"),
+])
+def test_extreme_numbers_are_refused_before_the_model_loads(args, needle, frag_home, monkeypatch):
+    from tests.helpers import assert_one_line_error, run_cli
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr("fragcli.models.load_model", no_load)
+    for command in (["profile", PROMPT], ["generate", PROMPT]):
+        assert_one_line_error(run_cli(*command, "-m", "tiny", *args), needle)
+    assert not (frag_home / "reports").exists()
