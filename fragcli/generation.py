@@ -74,7 +74,23 @@ def resolve_settings(model, prompt: str, steps: int | None = None, guidance: flo
             raise FragError(f"{label} {v} is not a positive multiple of 8", f"pass a multiple of 8 such as {max(8, v // 8 * 8)}")
     if guidance < 0:
         raise FragError(f"--guidance {guidance} is negative", "pass 0 (no guidance) or more")
+    warn_if_truncated(pipe, prompt)
     return GenSettings(check_prompt(prompt), steps, float(guidance), width, height, negative_prompt or "")
+
+
+def warn_if_truncated(pipe, prompt: str) -> int | None:
+    """Warn when the prompt is longer than the text encoder's window (the pipeline would cut it silently);
+    returns the token count, or None when the pipeline has no tokenizer frag can ask."""
+    tok = getattr(pipe, "tokenizer", None)
+    limit = getattr(tok, "model_max_length", None)
+    if tok is None or not isinstance(limit, int) or limit > 100_000:
+        return None
+    n = len(tok(prompt, truncation=False).input_ids)
+    if n > limit:
+        from fragcli.console import warn
+
+        warn(f"the prompt is {n} tokens; the text encoder reads the first {limit}, the rest is ignored")
+    return n
 
 
 def generator_for(seed: int, device: str):

@@ -23,7 +23,12 @@ def load_with_fragment(spec: str, fragment: str | None, prompt: str, device: str
     if fragment == "auto":
         found = find_fragment(loaded.hash, prompt)
         if found is None:
-            return loaded, None, "no fragment under fragments/ matches this model and prompt"
+            reason = "no fragment under fragments/ matches this model and prompt"
+            if strict:
+                raise FragError(f"--fragment auto: {reason}", "run frag extract for this prompt, or drop --strict")
+            if on_fallback:
+                on_fallback(f"{reason}; running the full model")
+            return loaded, None, reason
         fragment = str(found)
     try:
         load_fragment(loaded, fragment)

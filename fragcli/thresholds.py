@@ -32,12 +32,13 @@ class GateSpec:
     lo: float
     hi: float
     description: str
+    optional: bool = False  # unmeasurable by default here (LPIPS: its AlexNet weights need a download)
 
 
 #: The gates, their meaning and defaults. ``thresholds.yaml`` at the repo root mirrors these defaults.
 GATE_SPECS: dict[str, GateSpec] = {
     "clip_delta_max": GateSpec("max", 0.02, 0.0, 1.0, "allowed relative CLIP-score drop (0.02 = 2%)"),
-    "lpips_max": GateSpec("max", 0.25, 0.0, 10.0, "largest LPIPS distance to the full model's image"),
+    "lpips_max": GateSpec("max", 0.25, 0.0, 10.0, "largest LPIPS distance to the full model's image", optional=True),
     "ssim_min": GateSpec("min", 0.60, -1.0, 1.0, "smallest SSIM against the full model's image"),
     "phash_max": GateSpec("max", 12.0, 0.0, 64.0, "largest perceptual-hash Hamming distance (of 64 bits)"),
     "vram_reduction_min": GateSpec("min", 0.25, 0.0, 1.0, "smallest weight / peak-memory reduction (H2)"),
@@ -67,6 +68,7 @@ class Gate(_Strict):
 
     value: float
     direction: Direction
+    optional: bool = False  # true: when the metric cannot be measured the gate is skipped, not INVALID
 
     @field_validator("value")
     @classmethod
@@ -101,7 +103,7 @@ class Regression(_Strict):
 
 def _default_gate(name: str) -> Gate:
     spec = GATE_SPECS[name]
-    return Gate(value=spec.default, direction=spec.direction)
+    return Gate(value=spec.default, direction=spec.direction, optional=spec.optional)
 
 
 class Thresholds(_Strict):
@@ -125,7 +127,8 @@ class Thresholds(_Strict):
     def _shorthand(cls, v: Any, info) -> Any:
         """``ssim_min: 0.6`` is shorthand for ``ssim_min: {value: 0.6, direction: min}``."""
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return {"value": v, "direction": GATE_SPECS[info.field_name].direction}
+            spec = GATE_SPECS[info.field_name]
+            return {"value": v, "direction": spec.direction, "optional": spec.optional}
         return v
 
     @field_validator(*GATE_NAMES)
@@ -173,7 +176,7 @@ def _describe(err: dict[str, Any], path: Path) -> FragError:
         if loc.startswith("regression."):
             known = ", ".join(Regression.model_fields)
         elif "." in loc:
-            known = "value, direction"
+            known = "value, direction, optional"
         return FragError(f"{where}unknown key '{loc}'", f"remove it or fix its spelling (known keys: {known})")
     if kind == "missing":
         return FragError(f"{where}key '{loc}' is missing", "give every gate both 'value' and 'direction'")
@@ -225,6 +228,9 @@ def load_thresholds(path: Path | str | None) -> Thresholds:
                         f"fix the YAML syntax in {path}") from None
     except UnicodeDecodeError:
         raise FragError(f"{path.name} is not UTF-8 text", "save it as UTF-8 YAML") from None
+    if data is None:
+        raise FragError(f"{path} is empty: a gate with no thresholds would pass on the defaults unannounced",
+                        "write the thresholds to enforce (see the repository's thresholds.yaml), or drop --gate")
     return parse_thresholds(data, path)
 
 

@@ -121,3 +121,12 @@ def test_out_below_a_file_is_refused(tmp_path):
     result = run_cli("profile", PROMPT, "-m", "tiny", "--seeds", "1", "--steps", "1", "--out", blocker / "sub")
     assert_one_line_error(result, "is a file")
     assert blocker.read_text() == "x"
+
+
+def test_a_prompt_longer_than_the_text_window_is_warned_about(tmp_path):
+    long = " ".join(["a red circle on a blue background"] * 20)
+    result = run_cli("profile", long, "-m", "tiny", "--seeds", "1", "--steps", "1", "--out", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    assert "warning" in result.stderr and "the text encoder reads the first 77" in result.stderr
+    short = run_cli("profile", PROMPT, "-m", "tiny", "--seeds", "1", "--steps", "1", "--out", tmp_path / "q")
+    assert "text encoder reads" not in short.stderr

@@ -227,3 +227,40 @@ def test_load_fragment_on_a_plain_diffusers_pipeline(built):
     removed = m["techniques"][0]["config"]["attention_heads_removed"]
     heads = heads_per_module(pipe.unet)
     assert all(heads[name] == 8 - len(r) for name, r in removed.items()) and removed
+
+
+def _rehash_artifact(folder, rel):
+    from fragcli.manifest import Artifact, read_manifest, write_manifest
+    from fragcli.models.hashing import sha256_file
+
+    m = read_manifest(folder)
+    f = folder / rel
+    write_manifest(folder, m.model_copy(update={"artifacts": {
+        **m.artifacts, rel: Artifact(sha256=sha256_file(f), bytes=f.stat().st_size)}}))
+
+
+def test_malformed_safetensors_with_matching_hashes_is_refused_and_generate_falls_back(fragment, tmp_path):
+    (fragment / "fragment.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    _rehash_artifact(fragment, "fragment.safetensors")
+    model = load_model("tiny")
+    with pytest.raises(FragError, match="cannot be read|not a readable safetensors"):
+        load_fragment(model, fragment)
+    assert not getattr(model.pipe, "_frag_fragment", None)
+    r = run_cli("generate", PROMPT, "-m", "tiny", "--fragment", fragment, "--seeds", "1", "--steps", "1",
+                "--out", tmp_path / "g", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "g" / "run.json").read_text())["fragment"] is None
+
+
+def test_auto_skips_staging_folders_and_strict_refuses_no_match(built, tmp_path, frag_home):
+    shutil.copytree(built[1], frag_home / "fragments" / ".found.1234.abcd.tmp")  # a killed extract's staging folder
+    r = run_cli("generate", PROMPT, "-m", "tiny", "--fragment", "auto", "--seeds", "1", "--steps", "1",
+                "--out", tmp_path / "g", "--json")
+    assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "g" / "run.json").read_text())
+    assert run["fragment"] is None and "no fragment" in run["fallback_reason"]
+    assert "warning" in r.stderr and "no fragment" in r.stderr
+    r = run_cli("generate", PROMPT, "-m", "tiny", "--fragment", "auto", "--strict", "--seeds", "1", "--steps", "1",
+                "--out", tmp_path / "g2")
+    assert_one_line_error(r, "--fragment auto", "no fragment")
+    assert not (tmp_path / "g2").exists()

@@ -183,3 +183,18 @@ def test_extreme_numbers_are_refused_before_the_model_loads(args, needle, frag_h
     for command in (["profile", PROMPT], ["generate", PROMPT]):
         assert_one_line_error(run_cli(*command, "-m", "tiny", *args), needle)
     assert not (frag_home / "reports").exists()
+
+
+def test_an_unwritable_frag_home_does_not_break_commands_writing_elsewhere(tmp_path, monkeypatch):
+    """(root writes through permissions, so the unwritable FRAG_HOME here is a path below a plain file)"""
+    from tests.helpers import assert_one_line_error, run_cli
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("FRAG_HOME", str(blocker / "home"))
+    monkeypatch.setenv("FRAG_MODEL_CACHE", str(blocker / "models"))
+    r = run_cli("profile", PROMPT, "--seeds", "1", "--steps", "1", "--out", tmp_path / "p")  # shapes ships
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "p" / "context.json").is_file()
+    assert_one_line_error(run_cli("profile", PROMPT, "-m", "tiny", "--seeds", "1", "--steps", "1",
+                                  "--out", tmp_path / "q"), "cannot build the built-in model tiny", "FRAG_MODEL_CACHE")

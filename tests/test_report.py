@@ -169,7 +169,7 @@ def test_report_writes_files_and_passes(tmp_path):
     assert summary["memory"]["full_weight_bytes"] == 4000 and summary["performance"]["fragment_per_image_s"] == 1.0
     on_disk = json.loads((out / "metrics_summary.json").read_text())
     assert ReportSummary.model_validate(on_disk).model_dump(by_alias=True, mode="json") == on_disk == summary
-    assert summary["gate"] == {"enforced": True, "passed": True, "failures": []}
+    assert summary["gate"] == {"enforced": True, "passed": True, "status": "PASS", "failures": [], "invalid": []}
     heads = json.loads((out / "head_importance.json").read_text())
     first = heads["modules"][0]
     assert first["module"] == MODULES[0] and first["energy_post"] == pytest.approx([1.0, 1.5, 2.0, 2.5])
@@ -334,3 +334,32 @@ def test_no_head_technique_leaves_h1_unavailable(tmp_path):
     assert h1["status"] == "UNAVAILABLE" and "attention_heads" in h1["note"]
     assert summary["fragment"]["techniques"][0]["unit"] is None
     assert any("quality_vs_retention.png not drawn" in n for n in summary["notes"])
+
+
+def test_a_gate_never_passes_on_measurements_it_could_not_make(tmp_path, frag_home):
+    """No validation: INVALID (exit 3). validate into its default folder: the report finds the manifest's quality
+    block; a failing gate exits 1; unmeasurable metrics gate only when not marked optional."""
+    from tests.helpers import run_cli, tiny_chain
+
+    _, _, frag = tiny_chain(tmp_path, "a red circle on a blue background")
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("ssim_min: 1.0\n")
+    r = run_cli("report", "--run", frag, "--gate", strict, "--compare", "none", "--out", tmp_path / "r0")
+    assert r.exit_code == 3, r.output
+    assert "gate INVALID" in r.stderr and "gate passed" not in r.stderr
+    summary = json.loads((tmp_path / "r0" / "metrics_summary.json").read_text())
+    assert summary["gate"]["status"] == "INVALID" and not summary["gate"]["passed"]
+    assert {g["gate"]: g["status"] for g in summary["gates"]}["ssim_min"] == "INVALID"
+
+    assert run_cli("validate", frag, "--seeds", "2", "--paraphrase-seeds", "1").exit_code == 0  # default --out
+    r = run_cli("report", "--run", frag, "--gate", strict, "--compare", "none", "--out", tmp_path / "r1")
+    assert r.exit_code == 1, r.output  # SSIM measured (through the manifest) and below 1.0
+    gates = {g["gate"]: g for g in json.loads((tmp_path / "r1" / "metrics_summary.json").read_text())["gates"]}
+    assert gates["ssim_min"]["status"] == "FAIL" and "quality block" in gates["ssim_min"]["source"]
+    assert gates["clip_delta_max"]["status"] == "INVALID"  # tiny has no CLIP judge
+
+    lenient = tmp_path / "lenient.yaml"
+    lenient.write_text("ssim_min: 0.0\nclip_delta_max: {value: 0.02, direction: max, optional: true}\n")
+    r = run_cli("report", "--run", frag, "--gate", lenient, "--compare", "none", "--out", tmp_path / "r2")
+    assert r.exit_code == 0, r.output
+    assert "gate passed" in r.stderr and "optional gate(s) could not be measured" in r.stderr

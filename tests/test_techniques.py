@@ -116,6 +116,12 @@ def test_a_toy_technique_stacks_saves_verifies_and_loads(toys, profile, tmp_path
         diff = (loaded.denoiser(*x).sample - masked.denoiser(*x).sample).abs().max().item()
     assert diff <= 1e-5  # physical stack == masked stack
 
+    # the report reads the toy's summary like any other technique's (no report code knows it)
+    rep = api.report(tmp_path, compare="none", out=tmp_path / "report")
+    listed = {t["name"]: t for t in rep.summary["fragment"]["techniques"]}
+    assert listed["toy_zero_channel"]["unit"] == "ffn_channels" and listed["toy_zero_channel"]["units_removed"] == 1
+    assert listed["head_prune"]["removed_fraction"] == m.techniques[0].summary.removed_fraction
+
 
 def test_a_runtime_only_technique_has_no_weight_delta(toys, profile, tmp_path):
     out = tmp_path / "frag"

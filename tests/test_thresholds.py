@@ -39,8 +39,11 @@ def test_partial_file_and_shorthand(tmp_path):
     assert th.regression.speedup_rel is None
 
 
-def test_empty_file_is_defaults(tmp_path):
-    assert load_thresholds(write(tmp_path, "")) == default_thresholds()
+def test_empty_file_is_refused_not_silently_defaults(tmp_path):
+    for text in ("", "# only a comment\n"):
+        with pytest.raises(FragError, match="is empty"):
+            load_thresholds(write(tmp_path, text))
+    assert load_thresholds(None) == default_thresholds()
 
 
 @pytest.mark.parametrize("text, words", [

@@ -9,7 +9,7 @@ import typer
 
 from fragcli.cli import options as o
 
-STATUS_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "UNAVAILABLE": "dim", "INFO": "dim",
+STATUS_STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "UNAVAILABLE": "dim", "INVALID": "bold red", "INFO": "dim",
                 "MISSING": "dim"}
 
 
@@ -67,7 +67,8 @@ def report(
     and write metrics_summary.json, head_importance.json, regression_diff.json, the profile Parquet and plots
     to reports/<model>/<timestamp>/.
 
-    Exit codes: 0 all enforced gates pass, 1 a gate fails, 2 bad input.
+    Exit codes: 0 all enforced gates pass, 1 a gate fails, 2 bad input, 3 INVALID: a gate could not be measured
+    (a metric missing and not marked optional in thresholds.yaml; a gate never passes on nothing).
 
     Example: frag report --run reports/shapes/20250101T000000Z --compare baseline --gate thresholds.yaml
     """
@@ -86,11 +87,17 @@ def report(
     if json_out:
         print_json(summary)
     if gate_info["enforced"]:
-        unchecked = [g["gate"] for g in summary["gates"] if g["status"] == "UNAVAILABLE"]
-        if unchecked:
-            warn(f"{len(unchecked)} gate(s) could not be checked and do not gate: {', '.join(unchecked)}")
+        skipped = [g["gate"] for g in summary["gates"] if g["status"] == "UNAVAILABLE"]
+        if skipped:
+            warn(f"{len(skipped)} optional gate(s) could not be measured and were skipped: {', '.join(skipped)}")
         n = len(gate_info["failures"])
         if n:
             err.print(f"[bold red]gate failed[/]: {n} check(s) out of bounds")
             raise typer.Exit(1)
+        if gate_info["invalid"]:
+            for line in gate_info["invalid"]:
+                err.print(f"[bold red]INVALID[/] {line}", soft_wrap=True)
+            err.print(f"[bold red]gate INVALID[/]: {len(gate_info['invalid'])} gate(s) could not be measured -- run "
+                      "the missing stage (frag validate / frag bench), or mark the metric optional in thresholds.yaml")
+            raise typer.Exit(3)
         err.print("[green]gate passed[/]")

@@ -233,6 +233,6 @@ def _cached_builtin_hash(spec: str, pipe, hasher) -> str:
         known[key] = hasher(state)
         try:
             atomic_write_json(path, known)
-        except OSError:
-            pass
+        except (OSError, FragError):
+            pass  # a read-only FRAG_HOME only costs a re-hash next time
     return known[key]

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fragcli.errors import FragError
 from fragcli.paths import atomic_write_json, model_cache_dir, staged_dir
 
 SCHEDULER = dict(
@@ -105,6 +106,11 @@ def builtin_folder(name: str) -> Path:
     folder = model_cache_dir() / name.replace(":", "-")
     if (folder / "model_index.json").is_file():
         return folder
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FragError(f"cannot build the built-in model {name} in {folder.parent} ({exc.strerror})",
+                        "set FRAG_MODEL_CACHE (or FRAG_HOME) to a writable folder") from None
     with staged_dir(folder) as tmp:
         pipe = BUILDERS[name]()
         pipe.save_pretrained(tmp, safe_serialization=True)

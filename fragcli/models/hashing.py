@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from fragcli.errors import FragError
 from fragcli.paths import atomic_write_json, cache_dir
 
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -61,7 +62,7 @@ def hash_model_path(root: Path) -> str:
     if cache != before:
         try:
             atomic_write_json(_cache_file(), cache)
-        except OSError:
+        except (OSError, FragError):
             pass  # a read-only FRAG_HOME only costs a re-hash next time
     return digest.hexdigest()
 

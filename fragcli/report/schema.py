@@ -228,7 +228,8 @@ class GateRow(Block):
     measured: float | None
     threshold: float | None
     direction: Literal["min", "max"] | None
-    status: Literal["PASS", "FAIL", "UNAVAILABLE"]
+    status: Literal["PASS", "FAIL", "UNAVAILABLE", "INVALID"] = Field(
+        description="INVALID: a gate that could not be measured (not optional); UNAVAILABLE: optional and unmeasured")
     source: str | None = Field(description="the file the measurement came from")
     message: str
 
@@ -242,9 +243,11 @@ class RegressionBlock(Block):
 
 
 class GateVerdict(Block):
-    enforced: bool = Field(description="true with --gate: a failure exits 1")
+    enforced: bool = Field(description="true with --gate: a failure exits 1, an unmeasured gate exits 3")
     passed: bool
+    status: Literal["PASS", "FAIL", "INVALID"] = Field(description="FAIL beats INVALID beats PASS")
     failures: list[str] = Field(description="one message per failed gate")
+    invalid: list[str] = Field(default_factory=list, description="one message per gate that could not be measured")
 
 
 class HostInfo(Block):

@@ -33,10 +33,32 @@ def _d(src: Source | None, *keys: str) -> Any:
     return data
 
 
-def quality_block(primary: Source | None) -> dict[str, Any]:
-    """The run's own validation, summarised."""
+MANIFEST_QUALITY = {"clip_delta_rel": "clip_delta_mean", "clip_full_mean": "clip_full_mean",
+                    "clip_fragment_mean": "clip_fragment_mean", "lpips_mean": "lpips_mean", "ssim_mean": "ssim_mean",
+                    "phash_mean": "phash_mean", "pass_rate": "pass_rate"}
+
+
+def manifest_quality(manifest: Source | None) -> dict[str, Any] | None:
+    """The quality block ``frag validate`` wrote into the fragment's manifest, in the report's terms (used when
+    the run holds no validation.json: the manifest says what was measured)."""
+    q = _d(manifest, "quality")
+    if not isinstance(q, dict) or not q.get("samples"):
+        return None
+    reuse = _d(manifest, "reuse") or {}
+    return {
+        "source": f"{manifest.path} (quality block)", "mode": "physical", "prompt": _d(manifest, "profiling", "prompt"),
+        "seeds": q.get("samples"), "removed_fraction": removed_fractions(manifest.data),
+        "aggregate": {k: q.get(m) for k, m in MANIFEST_QUALITY.items()},
+        "unavailable": dict(q.get("unavailable") or {}),
+        "reuse_pass_rate": _num(reuse.get("paraphrase_pass_rate")), "paraphrases": reuse.get("paraphrases_tested", 0),
+        "passed": q.get("thresholds_passed"),
+    }
+
+
+def quality_block(primary: Source | None, manifest: Source | None = None) -> dict[str, Any]:
+    """The run's own validation, summarised (else the manifest's quality block, else nothing)."""
     if primary is None:
-        return {"source": None}
+        return manifest_quality(manifest) or {"source": None}
     v = primary.data
     para = v.get("paraphrases") if isinstance(v.get("paraphrases"), dict) else None
     seeds = v.get("seeds") if isinstance(v.get("seeds"), list) else []
@@ -143,8 +165,13 @@ def _gate_row(name: str, kind: str, measured: float | None, threshold: float | N
             "status": status, "source": source, "message": message}
 
 
+def _unmeasured(gate) -> str:
+    """A gate that could not be measured: skipped when thresholds.yaml marks it optional, else INVALID."""
+    return "UNAVAILABLE" if gate.optional else "INVALID"
+
+
 def quality_gates(quality: dict[str, Any], th: Thresholds) -> list[dict[str, Any]]:
-    """The quality gates on the run's aggregate; an unavailable metric is UNAVAILABLE and does not gate."""
+    """The quality gates on the run's aggregate; an unmeasured metric is INVALID (UNAVAILABLE when optional)."""
     rows = []
     agg = quality.get("aggregate") or {}
     unavailable = quality.get("unavailable") or {}
@@ -152,12 +179,12 @@ def quality_gates(quality: dict[str, Any], th: Thresholds) -> list[dict[str, Any
         gate = th.gate(gate_name)
         value = _num(agg.get(AGGREGATE_KEYS[key]))
         if quality.get("source") is None:
-            rows.append(_gate_row(gate_name, "quality", None, gate.value, gate.direction, "UNAVAILABLE", None,
-                                  "no validation.json in the run"))
+            rows.append(_gate_row(gate_name, "quality", None, gate.value, gate.direction, _unmeasured(gate), None,
+                                  "no validation.json in the run and no quality block in its manifest"))
             continue
         if value is None:
             why = unavailable.get(key.split("_")[0]) or f"no {AGGREGATE_KEYS[key]} in validation.json"
-            rows.append(_gate_row(gate_name, "quality", None, gate.value, gate.direction, "UNAVAILABLE",
+            rows.append(_gate_row(gate_name, "quality", None, gate.value, gate.direction, _unmeasured(gate),
                                   quality["source"], why))
             continue
         measured = sign * value
@@ -171,12 +198,12 @@ def quality_gates(quality: dict[str, Any], th: Thresholds) -> list[dict[str, Any
 
 
 def hypothesis_gates(hypotheses: list[dict[str, Any]], th: Thresholds) -> list[dict[str, Any]]:
-    """Rows for the hypotheses listed in ``gate_hypotheses``: only FAIL fails (WARN/UNAVAILABLE are noted)."""
+    """Rows for the hypotheses listed in ``gate_hypotheses``: FAIL fails, UNAVAILABLE is INVALID (WARN passes)."""
     rows = []
     for h in hypotheses:
         if h["id"] not in th.gate_hypotheses:
             continue
-        status = "FAIL" if h["status"] == FAIL else ("PASS" if h["status"] in ("PASS", "WARN") else "UNAVAILABLE")
+        status = "FAIL" if h["status"] == FAIL else ("PASS" if h["status"] in ("PASS", "WARN") else "INVALID")
         msg = f"{h['id']} {h['status']}: value {h['value']}, threshold {h['threshold']:g} ({h['direction']})"
         if h.get("note"):
             msg += f"; {h['note']}"
@@ -246,7 +273,7 @@ def fragment_block(rf: RunFiles) -> dict[str, Any]:
 def build_summary(rf: RunFiles, th: Thresholds, created: str) -> dict[str, Any]:
     """Everything but the gates, the regression part (``attach_gates``), report_dir and files (``make_report``)."""
     model = rf.model()
-    quality = quality_block(rf.primary)
+    quality = quality_block(rf.primary, rf.manifest)
     perf = performance_block(rf.bench, rf.profile)
     memory = memory_block(rf.bench, rf.manifest, rf.primary)
     hyps = score_hypotheses(rf.points, rf.primary, rf.bench, rf.manifest, th)
@@ -279,10 +306,13 @@ def attach_gates(summary: dict[str, Any], diff: dict[str, Any], th: Thresholds, 
     """Add the gate rows, the regression summary and the overall verdict to ``summary`` (in place)."""
     rows = quality_gates(summary["quality"], th) + hypothesis_gates(summary["hypotheses"], th) + regression_gates(diff)
     failures = [r["message"] for r in rows if r["status"] == "FAIL"]
+    invalid = [f"{r['gate']}: {r['message']}" for r in rows if r["status"] == "INVALID"]
     summary["gates"] = rows
     summary["regression"] = {"compare": diff["compare"], "baseline": diff["baseline"], "note": diff["note"],
                              "passed": diff["passed"], "failures": diff["failures"]}
-    summary["gate"] = {"enforced": gating, "passed": not failures, "failures": failures}
+    status = "FAIL" if failures else ("INVALID" if invalid else "PASS")
+    summary["gate"] = {"enforced": gating, "passed": status == "PASS", "status": status, "failures": failures,
+                       "invalid": invalid}
     if diff["note"]:
         summary["notes"].append(diff["note"])
     return summary
