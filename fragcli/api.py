@@ -15,7 +15,8 @@ before the inputs are checked, and every output folder is swapped in whole (``--
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,31 @@ def _default_out(model_name: str, stage: str) -> Path:
     from fragcli.paths import reports_dir, safe_name, timestamp
 
     return reports_dir() / safe_name(model_name) / timestamp() / stage
+
+
+@contextlib.contextmanager
+def _updating(fragment_dir: Path, update: bool = True) -> Iterator[None]:
+    """Hold a fragment folder whose manifest this command updates at its end (validate's quality block, bench's
+    performance block): a second writer (``extract --overwrite`` into it, another validate or bench) is refused
+    instead of one losing the other's update or a block landing on a different fragment. A folder that cannot be
+    locked (a read-only place) is used unlocked, as before."""
+    from fragcli.errors import FragError
+    from fragcli.paths import OutputLocked, acquire_lock, release_lock
+
+    locked = False
+    if update:
+        try:
+            acquire_lock(Path(fragment_dir), "wait for it to finish, then retry")
+            locked = True
+        except OutputLocked:
+            raise
+        except FragError:
+            pass
+    try:
+        yield
+    finally:
+        if locked:
+            release_lock(Path(fragment_dir))
 
 
 def _typed(cls_name: str, data: Any):
@@ -123,7 +149,8 @@ def validate(fragment_dir: Path, *, seeds: Seeds = 20, paraphrases: Path | Seque
                               clip_weights, lpips_weights, thresholds, profile, model, device, dtype, show_progress)
     target = check_out_dir(Path(out) if out else _default_out(manifest.base_model.name, "validate"), overwrite,
                            inputs=[p for p in (fragment_dir, profile) if p is not None])
-    return run(target, None)
+    with _updating(Path(fragment_dir), update=not simulate):
+        return run(target, None)
 
 
 def _prepare_validation(fragment_dir, manifest, seeds, paraphrases, paraphrase_seeds, simulate, clip_model,
@@ -233,8 +260,10 @@ def bench(fragment_dir: Path, *, variants: int = 32, batch_size: int = 1, repeat
     m = read_manifest(Path(fragment_dir))
     target = check_out_dir(Path(out) if out else _default_out(m.base_model.name, "bench"), overwrite,
                            inputs=[fragment_dir])
-    record = run_bench(Path(fragment_dir), variants, batch_size, repeats, model, device, dtype, steps, show_progress)
-    write_bench(record, target, Path(fragment_dir) if manifest else None)
+    with _updating(Path(fragment_dir), update=manifest):
+        record = run_bench(Path(fragment_dir), variants, batch_size, repeats, model, device, dtype, steps,
+                           show_progress)
+        write_bench(record, target, Path(fragment_dir) if manifest else None)
     return BenchResult(target, record)
 
 

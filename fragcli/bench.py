@@ -114,13 +114,17 @@ class BenchRecord(_Strict):
 
 def read_bench(path: Path) -> BenchRecord:
     """Read and validate a bench.json (version 1, from frag 0.1's tools/bench.py, is migrated in memory)."""
-    from fragcli.paths import read_json
+    from fragcli.records import load_json
 
-    data = read_json(Path(path), "bench record")
+    data = load_json(Path(path), "bench record")
     if not isinstance(data, dict) or data.get("_type") != TYPE:
         raise FragError(f"{path} is not a frag bench record", "re-run frag bench")
     if data.get("schema_version") == 1:
-        data = _migrate_v1(data)
+        try:
+            data = _migrate_v1(data)
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:  # fields missing or odd
+            what = f"lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else f"has a malformed field ({exc})"
+            raise FragError(f"bench record {path} (schema_version 1) {what[:120]}", "re-run frag bench") from None
     try:
         return BenchRecord.model_validate(data)
     except ValidationError as exc:

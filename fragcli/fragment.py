@@ -7,6 +7,7 @@ records the techniques wrote (e.g. ``selection.json``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -189,13 +190,20 @@ def check_delta(den, meta, manifest: Manifest, delta: dict, prefix: str) -> None
                             "unchanged from the base model", "rebuild the fragment with frag extract")
 
 
-def load_fragment(pipe, folder: str | Path, model_hash: str | None = None):
-    """Verify ``folder`` against ``pipe``'s base model, check the rebuilt structure on a meta copy, then rebuild
-    the real denoiser and load the delta. A refusal (FragError) leaves the pipeline untouched.
+@dataclass
+class CheckedFragment:
+    """A fragment that passed every check against one pipeline, ready to apply (``apply_fragment``)."""
 
-    ``pipe`` is a diffusers pipeline (or a ``LoadedModel``); returns the pipeline, ready to run. Nothing is unpickled:
-    weights come from safetensors only.
-    """
+    pipe: object
+    manifest: Manifest
+    steps: list[Step]
+    delta: dict
+    prefix: str
+
+
+def check_fragment(pipe, folder: str | Path, model_hash: str | None = None) -> CheckedFragment:
+    """Every check ``load_fragment`` makes (manifest, hashes, base model, the stack rebuilt on a meta copy against
+    the delta's keys, shapes and dtypes), without changing ``pipe``; FragError on the first problem."""
     import torch
 
     loaded = pipe if hasattr(pipe, "pipe") else None
@@ -213,33 +221,72 @@ def load_fragment(pipe, folder: str | Path, model_hash: str | None = None):
     if getattr(pipe, "_frag_fragment", None):
         raise FragError("this pipeline already has a fragment loaded", "load the base model again first")
     steps = steps_from_entries(manifest.techniques)
-    device = next(den.parameters()).device
-    delta = _read_delta(folder, manifest, device)
+    delta = _read_delta(folder, manifest, next(den.parameters()).device)
     check_delta(den, check_stack(den, steps), manifest, delta, prefix)
-    pipe._frag_fragment = manifest.name  # from here on the pipeline is modified
-    rebuild_stack(den, steps)
+    return CheckedFragment(pipe, manifest, steps, delta, prefix)
+
+
+def apply_fragment(checked: CheckedFragment):
+    """Rebuild the checked stack on the real denoiser and copy the delta in; returns the pipeline."""
+    import torch
+
+    pipe, prefix = checked.pipe, checked.prefix
+    if getattr(pipe, "_frag_fragment", None):
+        raise FragError("this pipeline already has a fragment loaded", "load the base model again first")
+    den = getattr(pipe, prefix)
+    pipe._frag_fragment = checked.manifest.name  # from here on the pipeline is modified
+    rebuild_stack(den, checked.steps)
     state = den.state_dict()
     with torch.no_grad():
-        for key, tensor in delta.items():
+        for key, tensor in checked.delta.items():
             target = state[key[len(prefix) + 1 :]]
             target.copy_(tensor.to(target.dtype) if _compatible(tensor.dtype, target.dtype) else tensor)
     return pipe
 
 
+def load_fragment(pipe, folder: str | Path, model_hash: str | None = None):
+    """Verify ``folder`` against ``pipe``'s base model, check the rebuilt structure on a meta copy, then rebuild
+    the real denoiser and load the delta. A refusal (FragError) leaves the pipeline untouched.
+
+    ``pipe`` is a diffusers pipeline (or a ``LoadedModel``); returns the pipeline, ready to run. Nothing is unpickled:
+    weights come from safetensors only.
+    """
+    return apply_fragment(check_fragment(pipe, folder, model_hash))
+
+
 def find_fragment(model_hash: str, prompt: str, root: Path | None = None) -> Path | None:
-    """`--fragment auto`: the newest valid fragment under ``fragments/`` for this model and (normalised) prompt."""
+    """`--fragment auto`: the newest valid fragment under ``fragments/`` for this model and (normalised) prompt.
+
+    Only finished fragments count: a folder whose manifest cannot be read, or that misses an artifact its manifest
+    lists (being deleted, say), is skipped; so are hidden folders (staging folders, the old copy of a swap). A
+    fragment hidden by a swap that a crash interrupted is put back first. Another process may write or delete
+    fragments meanwhile: nothing it does here raises."""
+    from fragcli.paths import recover_swap
+
     root = Path(root) if root else fragments_dir()
     if not root.is_dir():
         return None
+    for old in root.glob(".*.old-*"):
+        name = old.name[1:].rsplit(".old-", 1)[0]
+        if name and not (root / name).exists():
+            note = recover_swap(root / name)  # only an old copy of a dead process, and only if nobody beat us to it
+            if note:
+                from fragcli.console import warn
+
+                warn(note)
     want = " ".join(prompt.lower().split())
     found = []
     for mf in root.glob("*/manifest.json"):
-        if mf.parent.name.startswith("."):
+        folder = mf.parent
+        if folder.name.startswith("."):
             continue  # a staging folder or the old copy of a swap, never a finished fragment
         try:
-            m = read_manifest(mf.parent)
-        except FragError:
-            continue
-        if m.base_model.hash == model_hash and " ".join(m.profiling.prompt.lower().split()) == want:
-            found.append((m.created, mf.parent))
-    return max(found)[1] if found else None
+            m = read_manifest(folder)
+            if m.base_model.hash != model_hash or " ".join(m.profiling.prompt.lower().split()) != want:
+                continue
+            if not all(inside(folder, rel).is_file() for rel in m.artifacts):
+                continue
+        except (FragError, OSError):
+            continue  # malformed, or deleted or replaced while we looked
+        found.append((m.created, str(folder), folder))
+    return max(found)[2] if found else None

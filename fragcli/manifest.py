@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fragcli.errors import FragError
 from fragcli.paths import atomic_write_text
@@ -26,6 +26,18 @@ WEIGHTS = "fragment.safetensors"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def plain_path(rel: str) -> str:
+    """A file name the manifest may hold: UTF-8 text without NUL or backslash, each part at most 255 bytes (the
+    OS would refuse anything else with an exception instead of an answer; ``paths.inside`` checks escapes)."""
+    try:
+        parts = [p.encode("utf-8") for p in rel.split("/")]
+    except UnicodeEncodeError:
+        raise ValueError(f"path {rel[:40]!r} is not valid UTF-8 text") from None
+    if "\x00" in rel or "\\" in rel or any(len(p) > 255 for p in parts) or len(rel) > 4096:
+        raise ValueError(f"path {rel[:40]!r} is not a plain relative file name (NUL, backslash or too long)")
+    return rel
 
 
 class BaseModelRef(_Strict):
@@ -76,6 +88,11 @@ class WeightDelta(_Strict):
     changed: list[str] = Field(default_factory=list, description="keys whose values, shape or dtype changed")
     added: list[str] = Field(default_factory=list, description="keys the techniques added (e.g. low-rank factors)")
     removed: list[str] = Field(default_factory=list, description="keys the techniques removed")
+
+    @field_validator("file")
+    @classmethod
+    def _plain(cls, v: str | None) -> str | None:
+        return v if v is None else plain_path(v)
 
 
 class Quality(_Strict):
@@ -150,6 +167,13 @@ class Manifest(_Strict):
     content_sha256: str | None = Field(None, description="SHA-256 of this manifest's canonical JSON without this "
                                                          "field; checked on every read")
 
+    @field_validator("artifacts")
+    @classmethod
+    def _plain(cls, v: dict[str, Artifact]) -> dict[str, Artifact]:
+        for rel in v:
+            plain_path(rel)
+        return v
+
     def dump(self) -> str:
         data = self.model_dump(by_alias=True, mode="json")
         data["content_sha256"] = content_hash(data)
@@ -187,6 +211,9 @@ def read_manifest(folder: Path) -> Manifest:
     except json.JSONDecodeError as exc:
         raise FragError(f"manifest {path} is malformed JSON ({exc.msg} at line {exc.lineno})",
                         "rebuild the fragment with frag extract") from None
+    except (RecursionError, ValueError) as exc:  # nested too deeply; an integer of more than 4300 digits
+        kind = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0][:80]
+        raise FragError(f"manifest {path} is malformed JSON ({kind})", "rebuild the fragment with frag extract") from None
     if not isinstance(data, dict) or data.get("_type") != TYPE:
         raise FragError(f"{path} is not a frag fragment manifest", "rebuild the fragment with frag extract")
     version = data.get("schema_version")
@@ -208,6 +235,9 @@ def read_manifest(folder: Path) -> Manifest:
             data = migrate_v1(data, Path(folder))
         except ValidationError as exc:
             raise _fail(path, exc) from None
+        except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError) as exc:  # a block of the wrong type
+            raise FragError(f"version 1 manifest {path} cannot be migrated ({type(exc).__name__}: {str(exc)[:80]})",
+                            "rebuild the fragment with frag extract") from None
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:

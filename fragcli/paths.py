@@ -5,14 +5,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from fragcli.errors import FragError
+
+try:
+    import fcntl  # POSIX: output locks are flock()s, which the kernel drops when their process dies (even kill -9)
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 
 def frag_home() -> Path:
@@ -66,17 +73,36 @@ def _umask() -> int:
     return mask
 
 
+def crash_point(point: str, path: Path) -> None:
+    """Test hook (tests/test_crash.py), inert unless ``FRAG_TEST_CRASH_AT`` is set: ``FRAG_TEST_CRASH_AT=<point>``
+    or ``<point>:<name>`` makes this process die here at once, as ``kill -9`` would (``os._exit(137)``: no clean-up,
+    no ``finally``), when ``point`` matches and, if given, ``path``'s name is ``name``. The points: ``write`` (an
+    atomic write's temp file is written, not yet renamed), ``staged`` (a staged folder is complete, the swap not
+    begun), ``swap-moved-old`` (the previous folder is moved aside, the new one not yet in), ``swap-moved-new`` (the
+    new folder is in; the old copy and the lock are not yet removed)."""
+    want = os.environ.get("FRAG_TEST_CRASH_AT")
+    if want:
+        name, _, target = want.partition(":")
+        if name == point and target in ("", Path(path).name):
+            os._exit(137)
+
+
+# Temp names carry the writer's pid (``.<name>.<pid>.<random>.tmp``), so that those of dead processes can be removed.
+_TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``path``, fsync, then rename over it."""
     path = Path(path)
     _check_writable(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
+        crash_point("write", path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -114,6 +140,8 @@ PROTECT_HINT = "choose a new --out folder (e.g. a sub-folder)"
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -125,11 +153,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _sibling_pid(path: Path, prefix: str) -> int | None:
-    """``.out.old-1234`` / ``.out.1234.abc.tmp`` / ``.out.lock`` content -> 1234."""
-    rest = path.name[len(prefix):]
-    digits = rest.split(".")[0].split("-")[-1]
-    return int(digits) if digits.isdigit() else None
+def _dead(pid: str | int | None) -> bool:
+    """A pid (as text from a file name, or a number) whose process is gone."""
+    if isinstance(pid, str):
+        pid = int(pid) if pid.isdigit() else None
+    return pid is not None and not _pid_alive(pid)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _entries(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
 
 
 def recover_swap(out: Path) -> str | None:
@@ -137,24 +187,41 @@ def recover_swap(out: Path) -> str | None:
 
     A swap renames ``out`` to ``.out.old-PID``, the staged folder to ``out``, then deletes the old copy. A crash
     between the renames leaves ``out`` absent: the old copy is put back. After the second rename only the
-    clean-up is left: the old copy is deleted. Staging folders of dead processes are deleted.
+    clean-up is left: the old copy is deleted. Staging folders and temp files of dead processes are deleted, beside
+    ``out`` and inside it when frag wrote it (an in-place update such as a manifest's). Only what belongs to dead processes is
+    touched, and a concurrent recovery by another process is harmless (whoever renames first wins).
     """
     out = Path(out)
     parent = out.parent
     if not parent.is_dir():
         return None
     note = None
-    olds = sorted((p for p in parent.glob(f".{out.name}.old-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    olds = [p for p in olds if not _pid_alive(_sibling_pid(p, f".{out.name}.old-") or -1)]
-    if olds and not out.exists():
-        os.replace(olds.pop(), out)
-        note = f"restored {out} from a swap that was interrupted (a crash or kill during an earlier write)"
-    for p in olds:
-        shutil.rmtree(p, ignore_errors=True)
-    for p in parent.glob(f".{out.name}.*.tmp"):
-        pid = _sibling_pid(p, f".{out.name}.")
-        if p.is_dir() and pid is not None and not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+    old_prefix = f".{out.name}.old-"
+    olds, stale = [], []
+    for name in _entries(parent):
+        path = parent / name
+        if name.startswith(old_prefix):
+            if _dead(name[len(old_prefix):]) and path.is_dir():
+                olds.append(path)
+        else:
+            m = _TMP_NAME.match(name)
+            if m and m["target"] == out.name and _dead(m["pid"]):
+                stale.append(path)
+    olds.sort(key=_mtime)
+    if olds and not os.path.lexists(out):
+        newest = olds.pop()
+        try:
+            os.replace(newest, out)
+            note = f"restored {out} from a swap that was interrupted (a crash or kill during an earlier write)"
+        except OSError:
+            pass  # another process restored it first
+    for path in olds + stale:
+        _remove(path)
+    if out.is_dir() and not out.is_symlink() and (out / MARKER).is_file():  # only in a folder frag wrote
+        for name in _entries(out):
+            m = _TMP_NAME.match(name)
+            if m and _dead(m["pid"]) and (out / name).is_file():
+                _remove(out / name)
     return note
 
 
@@ -162,7 +229,11 @@ def _lock_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.lock")
 
 
-_HELD: set[Path] = set()
+def _key(out: Path) -> Path:
+    return Path(out).expanduser().resolve()
+
+
+_HELD: dict[Path, int | None] = {}  # out -> the open, flock()ed lock file (None: a pid-file lock, no flock)
 _CHECKED: dict[Path, bool] = {}  # out -> whether --overwrite was given when check_out_dir passed it
 
 
@@ -172,35 +243,112 @@ def release_held_locks() -> None:
         release_lock(out)
 
 
-def acquire_lock(out: Path) -> None:
-    """Hold ``out`` for this process (``.out.lock`` with our pid); a live holder is refused, a dead one replaced."""
-    lock = _lock_path(out)
-    for _ in range(3):
+def _holder(lock: Path) -> int:
+    """The pid in a lock held by another process (it writes its pid just after taking it: wait a moment for it)."""
+    pid = 0
+    for _ in range(50):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            pid = int(lock.read_text().strip() or "0")
+        except (OSError, ValueError):
+            pid = 0
+        if pid and pid != os.getpid() and _pid_alive(pid):
+            break
+        time.sleep(0.01)
+    return pid
+
+
+class OutputLocked(FragError):
+    """Another live frag process holds this folder's lock."""
+
+
+def _refuse(out: Path, pid: int, fix: str) -> FragError:
+    return OutputLocked(f"{out} is being written by another frag process (pid {pid or 'unknown'})", fix)
+
+
+LOCKED_HINT = "wait for it to finish, or choose another --out"
+
+
+def acquire_lock(out: Path, fix: str = LOCKED_HINT) -> None:
+    """Hold ``out`` for this process (``.out.lock`` holding our pid); a live holder is refused, a dead one replaced.
+
+    On POSIX the lock is an ``flock`` on that file, which the kernel releases when its process dies, so a lock left
+    by a crash or ``kill -9`` is taken over with no guessing; elsewhere the pid in the file decides.
+    """
+    out = _key(out)
+    if out in _HELD:
+        return  # ours already (an earlier call in this process)
+    lock = _lock_path(out)
+    if fcntl is not None:
+        for _ in range(5):
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise FragError(f"cannot lock {out}: {exc.strerror}", "choose a writable --out folder") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise _refuse(out, _holder(lock), fix) from None
+            except OSError:  # this file system has no flock: fall back to the pid in the file
+                os.close(fd)
+                break
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except OSError:
+                same = False
+            if not same:  # its holder released (and removed) it between our open and our flock: again
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            _HELD[out] = fd
+            return
+        else:
+            raise FragError(f"cannot lock {out}", "retry, or choose another --out")
+    _acquire_pid_file(out, lock, fix)
+
+
+def _acquire_pid_file(out: Path, lock: Path, fix: str) -> None:
+    for _ in range(3):
+        tmp = lock.with_name(f"{lock.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(str(os.getpid()))
+            os.link(tmp, lock)  # atomic, and the lock is never seen empty
         except FileExistsError:
             try:
                 pid = int(lock.read_text().strip() or "0")
             except (OSError, ValueError):
                 pid = 0
-            if pid == os.getpid():
-                return  # ours already (an earlier call in this process)
             if pid and _pid_alive(pid):
-                raise FragError(f"{out} is being written by another frag process (pid {pid})",
-                                "wait for it to finish, or choose another --out") from None
+                raise _refuse(out, pid, fix) from None
             with contextlib.suppress(OSError):
                 lock.unlink()  # stale: its process is gone
             continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        _HELD.add(Path(out))
+        except OSError as exc:
+            raise FragError(f"cannot lock {out}: {exc.strerror}", "choose a writable --out folder") from None
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        _HELD[out] = None
         return
     raise FragError(f"cannot lock {out}", "retry, or choose another --out")
 
 
 def release_lock(out: Path) -> None:
-    _HELD.discard(Path(out))
-    lock = _lock_path(Path(out))
+    out = _key(out)
+    lock = _lock_path(out)
+    if out not in _HELD:
+        return
+    fd = _HELD.pop(out)
+    if fd is not None:
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                lock.unlink()  # while we still hold it; a process that opened it meanwhile sees it gone and retries
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return
     try:
         if int(lock.read_text().strip() or "0") == os.getpid():
             lock.unlink()
@@ -243,13 +391,9 @@ def _protected(out: Path) -> str | None:
 def check_out_dir(out: Path, overwrite: bool, inputs: tuple | list = ()) -> Path:
     """Check ``--out`` before any work: refuse a file, a folder that is not empty (unless ``overwrite`` and frag
     wrote it), an input of this command or a folder holding one, FRAG_HOME, the working directory and their
-    parents; recover an interrupted swap; lock the folder for this process; check it is writable."""
-    out = Path(out).expanduser().resolve()
-    note = recover_swap(out)
-    if note:
-        from fragcli.console import warn
-
-        warn(note)
+    parents; lock the folder for this process (a second writer is refused before it touches anything); recover an
+    interrupted swap; check it is writable."""
+    out = _key(out)
     if out.exists() and not out.is_dir():
         raise FragError(f"--out {out} is a file, not a folder", "choose another --out path")
     for src in inputs:
@@ -257,18 +401,6 @@ def check_out_dir(out: Path, overwrite: bool, inputs: tuple | list = ()) -> Path
         if out == src or out in src.parents:
             raise FragError(f"--out {out} {'is' if out == src else 'contains'} an input of this command ({src})",
                             PROTECT_HINT)
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FragError(f"output folder {out} exists and is not empty", "pass --overwrite or choose another --out")
-        why = _protected(out)
-        if why:
-            raise FragError(f"refusing to overwrite {out}: {why}", PROTECT_HINT)
-        ours, foreign = frag_wrote(out)
-        if not ours:
-            raise FragError(f"refusing to overwrite {out}: frag did not write it", PROTECT_HINT)
-        if foreign:
-            raise FragError(f"refusing to overwrite {out}: it holds files frag did not write ({', '.join(foreign[:3])})",
-                            "move them away, or " + PROTECT_HINT)
     probe = out
     while not probe.exists():
         probe = probe.parent
@@ -278,6 +410,28 @@ def check_out_dir(out: Path, overwrite: bool, inputs: tuple | list = ()) -> Path
         raise FragError(f"cannot write to {probe}", "choose a writable --out folder")
     if out.parent.is_dir():
         acquire_lock(out)  # else staged_dir takes it once the parent exists (nothing is created before the work)
+    try:
+        note = recover_swap(out)
+        if note:
+            from fragcli.console import warn
+
+            warn(note)
+        if out.is_dir() and any(out.iterdir()):
+            if not overwrite:
+                raise FragError(f"output folder {out} exists and is not empty",
+                                "pass --overwrite or choose another --out")
+            why = _protected(out)
+            if why:
+                raise FragError(f"refusing to overwrite {out}: {why}", PROTECT_HINT)
+            ours, foreign = frag_wrote(out)
+            if not ours:
+                raise FragError(f"refusing to overwrite {out}: frag did not write it", PROTECT_HINT)
+            if foreign:
+                raise FragError(f"refusing to overwrite {out}: it holds files frag did not write "
+                                f"({', '.join(foreign[:3])})", "move them away, or " + PROTECT_HINT)
+    except BaseException:
+        release_lock(out)
+        raise
     _CHECKED[out] = overwrite
     return out
 
@@ -288,37 +442,46 @@ def staged_dir(out: Path) -> Iterator[Path]:
 
     On any error (or Ctrl-C) the temp folder is removed and ``out`` is left exactly as it was. A crash during the
     swap is repaired by the next ``check_out_dir``/``staged_dir`` on the same folder (``recover_swap``). The folder
-    gets frag's marker (``.frag-output.json``, the entries frag wrote) and the folder's lock is released.
+    is locked while it is built (a second writer is refused), gets frag's marker (``.frag-output.json``, the entries
+    frag wrote), and its lock is released at the end.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    recover_swap(out)
-    resolved = out.resolve()
-    if resolved in _CHECKED:
-        acquire_lock(resolved)
-        if not _CHECKED[resolved] and out.is_dir() and any(out.iterdir()):
-            release_lock(resolved)
+    resolved = _key(out)
+    try:  # (the lock is held already when check_out_dir passed this folder)
+        acquire_lock(resolved, LOCKED_HINT if resolved in _CHECKED else "wait for it to finish, then retry")
+        recover_swap(out)
+        if resolved in _CHECKED and not _CHECKED[resolved] and out.is_dir() and any(out.iterdir()):
             raise FragError(f"output folder {out} was written by another process meanwhile",
                             "pass --overwrite or choose another --out")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any other folder
-    try:
-        yield tmp
-        files = sorted(p.name for p in tmp.iterdir())
-        atomic_write_json(tmp / MARKER, {"_type": "frag.output", "files": files, "pid": os.getpid(),
-                                         "written": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any other folder
+        try:
+            yield tmp
+            files = sorted(p.name for p in tmp.iterdir())
+            atomic_write_json(tmp / MARKER, {"_type": "frag.output", "files": files, "pid": os.getpid(),
+                                             "written": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            crash_point("staged", out)
+            old = None
+            try:
+                if os.path.lexists(out):
+                    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                    if os.path.lexists(old):
+                        _remove(old)
+                    os.replace(out, old)
+                    crash_point("swap-moved-old", out)
+                os.replace(tmp, out)
+            except BaseException:
+                if old is not None and not os.path.lexists(out):
+                    with contextlib.suppress(OSError):
+                        os.replace(old, out)  # interrupted between the renames: put the previous one back
+                raise
+            crash_point("swap-moved-new", out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     finally:
         _CHECKED.pop(resolved, None)
         release_lock(resolved)

@@ -11,10 +11,11 @@ malformed, wrong-typed, older or newer file is a one-line ``FragError`` naming t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fragcli.errors import FragError
 from fragcli.techniques.base import TechniqueSummary
@@ -107,6 +108,18 @@ class ProfileTimings(Block):
     overhead_ratio: float | None = Field(description="profiled_first_seed_s / plain_first_seed_s")
 
 
+def non_finite(data: Any, where: str = "") -> str | None:
+    """The dotted name of the first NaN or infinite number in ``data`` (a JSON-like value), or None."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else where or "value"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
 class ProfileContext(Record):
     """``context.json``: what was profiled, how, and at what cost (``frag profile``)."""
 
@@ -135,6 +148,14 @@ class ProfileContext(Record):
     rows: dict[str, int] = Field(description="Parquet table name -> rows written (profile, blocks, ...)")
     images: dict[str, str] = Field(description='seed -> relative path of the full model\'s image ("images/seed-0.png")')
     settings: Settings = Field(description="the resolved settings; validate reuses the images only when its own match")
+
+    @model_validator(mode="after")
+    def _finite(self) -> ProfileContext:
+        """A NaN or infinite number here would be copied into the fragment's manifest, which cannot hold one."""
+        bad = non_finite(self.model_dump())
+        if bad:
+            raise ValueError(f"{bad} is not a finite number")
+        return self
 
 
 # ------------------------------------------------------------------------------------------ validation.json
@@ -287,11 +308,21 @@ def parse_record(cls: type[R], data: Any, path: Path | str, fix: str | None = No
         raise invalid(path, exc, fix) from None
 
 
-def read_record(cls: type[R], path: Path | str) -> R:
-    """Read ``path`` and validate it as ``cls`` (missing, malformed or invalid -> one-line FragError)."""
+def load_json(path: Path | str, what: str = "JSON file") -> Any:
+    """``fragcli.paths.read_json``, and also a FragError for JSON that parses only into an exception: nesting
+    deeper than Python's recursion limit, or an integer of more than 4300 digits."""
     from fragcli.paths import read_json
 
-    return parse_record(cls, read_json(Path(path), getattr(cls, "WHAT", "JSON file")), path)
+    try:
+        return read_json(Path(path), what)
+    except (RecursionError, ValueError) as exc:
+        kind = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0][:80]
+        raise FragError(f"{what} {path} is malformed ({kind})", "re-run the stage that wrote it") from None
+
+
+def read_record(cls: type[R], path: Path | str) -> R:
+    """Read ``path`` and validate it as ``cls`` (missing, malformed or invalid -> one-line FragError)."""
+    return parse_record(cls, load_json(path, getattr(cls, "WHAT", "JSON file")), path)
 
 
 def write_record(path: Path | str, record: BaseModel) -> dict[str, Any]:

@@ -8,11 +8,30 @@ from pathlib import Path
 from fragcli.errors import FragError
 
 
+def _identity(folder: Path):
+    """What ``folder`` is right now: its own and its entries' (inode, size, mtime), or None when it cannot be listed.
+    A swap (``frag extract --overwrite``), a deletion or an in-place update (a manifest block) changes it."""
+    import os
+
+    try:
+        st = os.stat(folder)
+        items = [("", st.st_dev, st.st_ino)]
+        for name in sorted(os.listdir(folder)):
+            s = os.stat(folder / name)
+            items.append((name, s.st_ino, s.st_size, s.st_mtime_ns))
+    except OSError:
+        return None
+    return tuple(items)
+
+
 def load_with_fragment(spec: str, fragment: str | None, prompt: str, device: str, dtype: str, strict: bool,
                        on_fallback: Callable[[str], None] | None = None):
     """Load ``spec`` and apply ``fragment`` (a folder or 'auto'); returns (loaded, fragment_dir | None, reason | None).
 
     A refused fragment falls back to a fresh copy of the full model (unless ``strict``: then the FragError propagates).
+    A fragment that another process replaces, deletes or updates while it is being loaded (the folder changed
+    between the start and the end of the load) is never used half-and-half: the load is tried once more from the
+    base model, then refused.
     """
     from fragcli.fragment import find_fragment, load_fragment
     from fragcli.models import load_model
@@ -20,28 +39,45 @@ def load_with_fragment(spec: str, fragment: str | None, prompt: str, device: str
     loaded = load_model(spec, device, dtype)
     if not fragment:
         return loaded, None, None
-    if fragment == "auto":
-        found = find_fragment(loaded.hash, prompt)
-        if found is None:
-            reason = "no fragment under fragments/ matches this model and prompt"
-            if strict:
-                raise FragError(f"--fragment auto: {reason}", "run frag extract for this prompt, or drop --strict")
-            if on_fallback:
-                on_fallback(f"{reason}; running the full model")
-            return loaded, None, reason
-        fragment = str(found)
-    try:
-        load_fragment(loaded, fragment)
-        return loaded, Path(fragment).resolve(), None
-    except FragError as exc:
-        if strict:
-            raise
-        reason = exc.one_line()
-        if on_fallback:
-            on_fallback(f"fragment refused ({reason}); running the full model")
-        if getattr(loaded.pipe, "_frag_fragment", None):  # half-applied: start again from the base model
+    reason = None
+    for _attempt in range(2):
+        target = fragment
+        if fragment == "auto":
+            found = find_fragment(loaded.hash, prompt)
+            if found is None:
+                reason = "no fragment under fragments/ matches this model and prompt"
+                if strict:
+                    raise FragError(f"--fragment auto: {reason}", "run frag extract for this prompt, or drop --strict")
+                if on_fallback:
+                    on_fallback(f"{reason}; running the full model")
+                return loaded, None, reason
+            target = str(found)
+        before = _identity(Path(target))
+        refusal = None
+        try:
+            load_fragment(loaded, target)
+        except FragError as exc:
+            refusal = exc
+        except OSError as exc:  # a file vanished between two reads: it changed under us (checked below)
+            refusal = FragError(f"fragment {target} could not be read ({exc.strerror}: {exc.filename})",
+                                "retry when no other process is writing it")
+        changed = _identity(Path(target)) != before
+        if refusal is None and not changed:
+            return loaded, Path(target).resolve(), None  # (a folder that cannot be listed cannot load either)
+        if getattr(loaded.pipe, "_frag_fragment", None):  # applied (or half-applied): start again from the base model
             loaded = load_model(spec, device, dtype)
-        return loaded, None, reason
+        if not changed:  # an ordinary refusal (stale, corrupt): not worth a second try
+            if strict:
+                raise refusal
+            reason = refusal.one_line()
+            break
+        reason = FragError(f"fragment {target} was replaced, deleted or updated by another process while it was "
+                           "being loaded", "retry when no other process is writing it").one_line()
+    if strict and changed:
+        raise FragError(reason)
+    if on_fallback:
+        on_fallback(f"fragment refused ({reason}); running the full model")
+    return loaded, None, reason
 
 
 def run_generation(spec: str, prompt: str, fragment: str | None, seeds: list[int], out: Path, *, steps=None,

@@ -228,6 +228,9 @@ def load_thresholds(path: Path | str | None) -> Thresholds:
                         f"fix the YAML syntax in {path}") from None
     except UnicodeDecodeError:
         raise FragError(f"{path.name} is not UTF-8 text", "save it as UTF-8 YAML") from None
+    except (RecursionError, ValueError) as exc:  # nested too deeply; an integer of more than 4300 digits
+        kind = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0][:80]
+        raise FragError(f"{path.name} is not usable YAML ({kind})", f"fix the YAML in {path}") from None
     if data is None:
         raise FragError(f"{path} is empty: a gate with no thresholds would pass on the defaults unannounced",
                         "write the thresholds to enforce (see the repository's thresholds.yaml), or drop --gate")

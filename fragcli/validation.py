@@ -63,7 +63,7 @@ def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
     Returns ``{"record": the validation.json dict (a ``ValidationRecord`` dump), "full": images, "frag": images}``.
     """
     from fragcli.console import progress
-    from fragcli.fragment import load_fragment, verify_fragment
+    from fragcli.fragment import apply_fragment, check_fragment, verify_fragment
     from fragcli.generation import generate, resolve_settings
     from fragcli.memory import param_count, weight_bytes
     from fragcli.metrics import aggregate, compare_images
@@ -82,6 +82,9 @@ def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
                         f"({manifest.base_model.hash[:12]})", "pass the fragment's base model with --model")
     g = manifest.profiling
     s = resolve_settings(loaded, g.prompt, g.steps, g.guidance, g.width, g.height, g.negative_prompt)
+    # every check before any image is made: a fragment that cannot load fails now, not after the full model ran
+    checked = None if o.simulate else check_fragment(loaded, fragment_dir)
+    steps = steps_from_entries(manifest.techniques) if o.simulate else None
     para = o.paraphrases or []
     p_seeds = o.seeds[: o.paraphrase_seeds]
     metrics = _metrics(loaded, o)
@@ -96,9 +99,9 @@ def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
             full.update(generate(loaded.pipe, s, todo, loaded.device, advance=adv).images)
         full_para = [generate(loaded.pipe, s, p_seeds, loaded.device, prompt=p, advance=adv).images for p in para]
         if o.simulate:
-            mask_stack(loaded.denoiser, steps_from_entries(manifest.techniques))
+            mask_stack(loaded.denoiser, steps)
         else:
-            load_fragment(loaded, fragment_dir)
+            apply_fragment(checked)
         after = {"params": param_count(loaded.pipe), "weight_bytes": weight_bytes(loaded.pipe)}
         frag = generate(loaded.pipe, s, o.seeds, loaded.device, advance=adv).images
         frag_para = [generate(loaded.pipe, s, p_seeds, loaded.device, prompt=p, advance=adv).images for p in para]

@@ -264,3 +264,22 @@ def test_auto_skips_staging_folders_and_strict_refuses_no_match(built, tmp_path,
                 "--out", tmp_path / "g2")
     assert_one_line_error(r, "--fragment auto", "no fragment")
     assert not (tmp_path / "g2").exists()
+
+
+def test_a_broken_manifest_under_fragments_does_not_break_auto(built, tmp_path, frag_home):
+    bad = frag_home / "fragments" / "broken"
+    shutil.copytree(built[1], bad)
+    (bad / "manifest.json").write_bytes(b"\xff\xfe\x00not json")
+    shutil.copytree(built[1], frag_home / "fragments" / "good")
+    r = run_cli("generate", PROMPT, "-m", "tiny", "--fragment", "auto", "--strict", "--seeds", "1", "--steps", "1",
+                "--out", tmp_path / "g")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "g" / "run.json").read_text())["fragment"].endswith("good")
+
+
+def test_validate_refuses_a_malformed_safetensors_in_one_line(fragment, tmp_path):
+    (fragment / "fragment.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    _rehash_artifact(fragment, "fragment.safetensors")
+    r = run_cli("validate", fragment, "--seeds", "1", "--paraphrase-seeds", "1", "--out", tmp_path / "v")
+    assert_one_line_error(r, "fragment.safetensors")
+    assert not (tmp_path / "v").exists()

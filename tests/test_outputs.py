@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -121,6 +122,31 @@ def test_a_second_writer_of_the_same_out_is_refused(tmp_path):
     _write(out)
 
 
+def test_temp_files_of_a_dead_writer_inside_an_output_do_not_block_overwrite(tmp_path):
+    """A crash during an in-place update (validate/bench writing the manifest) leaves ``.manifest.json.PID.x.tmp``
+    in the folder: once its process is gone it is removed, not taken for a user's file; a live writer's is kept."""
+    out = tmp_path / "out"
+    _write(out, ("manifest.json",))
+    stale = out / f".manifest.json.{_dead_pid()}.k2j4.tmp"
+    stale.write_text('{"half')
+    assert check_out_dir(out, overwrite=True) == out
+    release_lock(out)
+    assert not stale.exists() and (out / "manifest.json").exists()
+    live = out / f".manifest.json.{os.getpid()}.k2j4.tmp"
+    live.write_text("{")
+    with pytest.raises(FragError, match="files frag did not write"):
+        check_out_dir(out, overwrite=True)
+    assert live.exists()
+
+
+def test_a_refused_writer_leaves_no_lock_and_touches_nothing(tmp_path):
+    out = tmp_path / "out"
+    _write(out)
+    with pytest.raises(FragError, match="exists and is not empty"):
+        check_out_dir(out, overwrite=False)
+    assert not (tmp_path / ".out.lock").exists()
+
+
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     out = tmp_path / "out"
     (tmp_path / ".out.lock").write_text(str(_dead_pid()))
@@ -198,3 +224,51 @@ def test_an_unwritable_frag_home_does_not_break_commands_writing_elsewhere(tmp_p
     assert (tmp_path / "p" / "context.json").is_file()
     assert_one_line_error(run_cli("profile", PROMPT, "-m", "tiny", "--seeds", "1", "--steps", "1",
                                   "--out", tmp_path / "q"), "cannot build the built-in model tiny", "FRAG_MODEL_CACHE")
+
+
+def test_a_fragment_changed_while_it_loads_is_never_used_half_and_half(chain, frag_home, monkeypatch):
+    """``generate --fragment``: a fragment folder that changes between the start and the end of its load (another
+    process swapped, deleted or updated it) is loaded again from the base model, and refused if it keeps changing."""
+    import fragcli.fragment
+    from fragcli.runs import load_with_fragment
+    from tests.helpers import private_copy
+
+    folder = private_copy(chain / "fragment", frag_home)
+    real, calls = fragcli.fragment.load_fragment, []
+
+    def load_and_change(loaded, target, changes):
+        calls.append(target)
+        real(loaded, target)
+        if len(calls) <= changes:
+            os.utime(folder / "manifest.json")  # as an in-place update or a swap would: the files are not the same
+
+    reasons = []
+    monkeypatch.setattr(fragcli.fragment, "load_fragment", lambda lo, t: load_and_change(lo, t, 1))
+    loaded, used, reason = load_with_fragment("tiny", str(folder), PROMPT, "cpu", "auto", False, reasons.append)
+    assert used == folder.resolve() and reason is None and not reasons and len(calls) == 2
+    assert loaded.pipe._frag_fragment  # the second load, into a fresh base model
+
+    calls.clear()
+    monkeypatch.setattr(fragcli.fragment, "load_fragment", lambda lo, t: load_and_change(lo, t, 99))
+    loaded, used, reason = load_with_fragment("tiny", str(folder), PROMPT, "cpu", "auto", False, reasons.append)
+    assert used is None and "was replaced, deleted or updated by another process" in reason and len(calls) == 2
+    assert not getattr(loaded.pipe, "_frag_fragment", None)  # the full model, untouched
+    assert len(reasons) == 1 and reasons[0].startswith("fragment refused")
+
+
+def test_fragment_auto_finds_a_fragment_hidden_by_an_interrupted_swap(chain, frag_home, capsys):
+    """A kill between the renames of ``extract --overwrite fragments/x`` leaves only ``.x.old-PID``: ``auto`` puts
+    it back (as the next writer would) instead of running the full model; a half-deleted fragment is skipped."""
+    from fragcli.fragment import find_fragment
+    from fragcli.manifest import read_manifest
+
+    fragments = frag_home / "fragments"
+    fragments.mkdir()
+    hidden = fragments / f".x.old-{_dead_pid()}"
+    shutil.copytree(chain / "fragment", hidden)
+    shutil.copytree(chain / "fragment", fragments / "y")
+    (fragments / "y" / "fragment.safetensors").unlink()  # being deleted by another process
+    model_hash = read_manifest(hidden).base_model.hash
+    assert find_fragment(model_hash, PROMPT) == fragments / "x"
+    assert (fragments / "x" / "manifest.json").is_file() and not hidden.exists()
+    assert "restored" in capsys.readouterr().err

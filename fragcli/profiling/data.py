@@ -48,6 +48,7 @@ def read_table(folder: Path, name: str, columns: tuple[str, ...] = ()):
         raise FragError(f"no {path.name} in {folder}", "pass the folder that frag profile wrote")
     try:
         table = pq.read_table(path)
+        table.validate(full=True)  # e.g. a damaged page whose strings are no longer UTF-8
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for damaged files
         raise FragError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0][:120]})",
                         "re-run frag profile") from None
@@ -71,13 +72,18 @@ def read_profile(profile_dir: Path) -> dict[str, Any]:
     import numpy as np
 
     table = read_table(profile_dir, HEAD_TABLE, HEAD_TYPES)
-    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in HEAD_COLUMNS}
     path = Path(profile_dir) / f"{HEAD_TABLE}.parquet"
+    nulls = [c for c in HEAD_COLUMNS if table.column(c).null_count]
+    if nulls:
+        raise FragError(f"{path}: column {nulls[0]} has empty (null) values", "re-run frag profile")
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in HEAD_COLUMNS}
     for name in ("energy_pre", "energy_post"):
         bad = ~np.isfinite(cols[name].astype(float)) | (cols[name] < 0)
         if bad.any():
             raise FragError(f"{path}: {int(bad.sum())} row(s) have a NaN, infinite or negative {name}",
                             "re-run frag profile (in fp32 if fp16 overflowed)")
+        if (cols[name] > np.finfo(np.float32).max).any():  # no RMS of float32 activations; its score would overflow
+            raise FragError(f"{path}: {name} above float32's largest value", "re-run frag profile")
     ent = cols["entropy"].astype(float)
     if (np.isfinite(ent) & ((ent < -1e-6) | (ent > 1 + 1e-6))).any() or np.isinf(ent).any():
         raise FragError(f"{path}: entropy outside [0, 1]", "re-run frag profile")
@@ -87,4 +93,19 @@ def read_profile(profile_dir: Path) -> dict[str, Any]:
     for mod in dict.fromkeys(cols["module"].tolist()):
         if len(set(heads[cols["module"] == mod].tolist())) != 1:
             raise FragError(f"{path}: module {mod} has rows with different head counts", "re-run frag profile")
+    _check_complete(table, path)
     return cols
+
+
+def _check_complete(table, path: Path) -> None:
+    """One row per (module, head, seed, step): every module has every head at every recorded (seed, step), once
+    (a missing row would be scored as NaN, a duplicate twice)."""
+    groups = table.group_by(["module", "seed", "step"]).aggregate(
+        [("head", "count"), ("head", "count_distinct"), ("heads", "max")])
+    count, distinct, heads = (groups.column(c).to_numpy() for c in ("head_count", "head_count_distinct", "heads_max"))
+    if (count != heads).any() or (distinct != heads).any():
+        raise FragError(f"{path}: some (module, seed, step) lack a head's row or repeat one", "re-run frag profile")
+    pairs = len(table.group_by(["seed", "step"]).aggregate([]))
+    modules = len(table.group_by(["module"]).aggregate([]))
+    if len(groups) != pairs * modules:
+        raise FragError(f"{path}: some modules lack rows for some (seed, step)", "re-run frag profile")

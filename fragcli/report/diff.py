@@ -14,8 +14,8 @@ from typing import Any, Literal, NamedTuple
 from pydantic import ValidationError
 
 from fragcli.errors import FragError
-from fragcli.paths import read_json, reports_dir, safe_name
-from fragcli.records import invalid
+from fragcli.paths import reports_dir, safe_name
+from fragcli.records import invalid, load_json
 from fragcli.report.schema import ComparedReport
 from fragcli.thresholds import Regression
 from fragcli.thresholds import finite_number as _num
@@ -56,7 +56,7 @@ def _read_summary(path: Path) -> dict[str, Any] | None:
     """The comparable part of a ``metrics_summary.json`` of any schema_version (``ComparedReport``), or None."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, malformed, nested too deeply, a 5000-digit int
         return None
     if not isinstance(data, dict) or data.get("_type") != "frag.report":
         return None
@@ -118,7 +118,7 @@ def find_comparison(compare: str, model: dict[str, Any], exclude: Path | None = 
         raise FragError(f"--compare {compare}: no such report folder", "pass latest, baseline, none or a report folder")
     data = _read_summary(path / SUMMARY)
     if data is None:
-        raw = read_json(path / SUMMARY, "comparison report")  # a missing/malformed file -> its own FragError
+        raw = load_json(path / SUMMARY, "comparison report")  # a missing/malformed file -> its own FragError
         if isinstance(raw, dict) and raw.get("_type") == "frag.report":
             try:
                 ComparedReport.model_validate(raw)

@@ -11,10 +11,32 @@ from fragcli.errors import FragError
 from fragcli.hypotheses import Source
 
 REQUIRED = ("module", "block", "kind", "head", "heads", "energy_pre", "energy_post", "entropy")
+MAX_HEADS = 4096  # per attention module; more is a damaged file (the report would allocate per head)
 
 
 def _clean(x: Any) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _typed(table, path: Path):
+    """The columns the report reads, cast to their types (liberally: int64 heads, float32 energies pass); a
+    column that cannot be cast, an empty (null) key or a head count outside 1..MAX_HEADS is a FragError."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    types = {"module": pa.string(), "block": pa.string(), "kind": pa.string(), "head": pa.int64(),
+             "heads": pa.int64(), "energy_pre": pa.float64(), "energy_post": pa.float64(), "entropy": pa.float64()}
+    try:
+        table = table.select(list(REQUIRED)).cast(pa.schema([(c, types[c]) for c in REQUIRED]))
+    except (pa.ArrowException, ValueError) as exc:  # ArrowInvalid for a value that does not cast, or a duplicate
+        raise FragError(f"{path.name} has a column of the wrong type ({str(exc).splitlines()[0][:80]})",
+                        "re-run frag profile") from None
+    nulls = [c for c in ("module", "block", "kind", "head", "heads") if table[c].null_count]
+    if nulls:
+        raise FragError(f"{path.name}: column {nulls[0]} has empty (null) values", "re-run frag profile")
+    if len(table) and not 1 <= pc.min(table["heads"]).as_py() <= pc.max(table["heads"]).as_py() <= MAX_HEADS:
+        raise FragError(f"{path.name}: a head count is outside 1..{MAX_HEADS}", "re-run frag profile")
+    return table
 
 
 def _profile_stats(path: Path) -> list[dict[str, Any]]:
@@ -24,11 +46,13 @@ def _profile_stats(path: Path) -> list[dict[str, Any]]:
 
     try:
         table = pq.read_table(path)
+        table.validate(full=True)  # e.g. a damaged page whose strings are no longer UTF-8
     except Exception as exc:
         raise FragError(f"cannot read {path.name} ({type(exc).__name__})", "re-run frag profile") from None
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise FragError(f"{path.name} lacks column(s) {', '.join(missing)}", "re-run frag profile with this frag")
+    table = _typed(table, path)
     entropy = table["entropy"]
     table = table.set_column(table.column_names.index("entropy"), "entropy",
                              pc.if_else(pc.is_nan(entropy), None, entropy))  # NaN = not profiled: skip it
