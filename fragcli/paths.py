@@ -129,8 +129,10 @@ def read_json(path: Path, what: str = "JSON file") -> Any:
         raise FragError(f"{what} not found: {path}", "check the path (did the previous stage run?)")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FragError(f"{what} {path} is malformed ({exc})", "re-run the stage that wrote it") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, huge integers
+        raise FragError(f"{what} {path} is malformed ({str(exc)[:120]})", "re-run the stage that wrote it") from None
+    except RecursionError:
+        raise FragError(f"{what} {path} is nested too deeply to be a frag file", "re-run the stage that wrote it") from None
 
 
 MARKER = ".frag-output.json"  # written into every folder frag builds: what it wrote, so --overwrite can tell

@@ -272,3 +272,13 @@ def test_fragment_auto_finds_a_fragment_hidden_by_an_interrupted_swap(chain, fra
     assert find_fragment(model_hash, PROMPT) == fragments / "x"
     assert (fragments / "x" / "manifest.json").is_file() and not hidden.exists()
     assert "restored" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, "1" * 5000, "{broken", "\udcff"])
+def test_read_json_refuses_deep_huge_or_broken_json_in_one_error(tmp_path, text):
+    from fragcli.paths import read_json
+
+    p = tmp_path / "x.json"
+    p.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(FragError, match="malformed|nested too deeply"):
+        read_json(p, "record")
