@@ -114,9 +114,9 @@ class BenchRecord(_Strict):
 
 def read_bench(path: Path) -> BenchRecord:
     """Read and validate a bench.json (version 1, from frag 0.1's tools/bench.py, is migrated in memory)."""
-    from fragcli.records import load_json
+    from fragcli.paths import read_json
 
-    data = load_json(Path(path), "bench record")
+    data = read_json(Path(path), "bench record")
     if not isinstance(data, dict) or data.get("_type") != TYPE:
         raise FragError(f"{path} is not a frag bench record", "re-run frag bench")
     if data.get("schema_version") == 1:

@@ -308,21 +308,11 @@ def parse_record(cls: type[R], data: Any, path: Path | str, fix: str | None = No
         raise invalid(path, exc, fix) from None
 
 
-def load_json(path: Path | str, what: str = "JSON file") -> Any:
-    """``fragcli.paths.read_json``, and also a FragError for JSON that parses only into an exception: nesting
-    deeper than Python's recursion limit, or an integer of more than 4300 digits."""
-    from fragcli.paths import read_json
-
-    try:
-        return read_json(Path(path), what)
-    except (RecursionError, ValueError) as exc:
-        kind = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0][:80]
-        raise FragError(f"{what} {path} is malformed ({kind})", "re-run the stage that wrote it") from None
-
-
 def read_record(cls: type[R], path: Path | str) -> R:
     """Read ``path`` and validate it as ``cls`` (missing, malformed or invalid -> one-line FragError)."""
-    return parse_record(cls, load_json(path, getattr(cls, "WHAT", "JSON file")), path)
+    from fragcli.paths import read_json
+
+    return parse_record(cls, read_json(Path(path), getattr(cls, "WHAT", "JSON file")), path)
 
 
 def write_record(path: Path | str, record: BaseModel) -> dict[str, Any]:

@@ -36,9 +36,10 @@ from fragcli.errors import FragError
 from fragcli.fragment import load_fragment
 from fragcli.manifest import content_hash, read_manifest
 from fragcli.models import load_model
+from fragcli.paths import read_json
 from fragcli.profiling.data import ProfileData, read_context, read_profile
 from fragcli.profiling.recorder import BLOCK_TYPES
-from fragcli.records import RunRecord, ValidationRecord, load_json, parse_record, read_record
+from fragcli.records import RunRecord, ValidationRecord, parse_record, read_record
 from fragcli.report.collect import collect_run
 from fragcli.report.heads import head_importance
 from fragcli.techniques.head_prune import heads_per_module
@@ -367,7 +368,7 @@ def _record_files(w: World, folder: Path) -> dict[str, Any]:
         (folder / name).write_bytes(dump(data))
     return {
         "v1/manifest.json": lambda p: read_manifest(p.parent),
-        "selection.json": lambda p: parse_record(HeadSelection, load_json(p, "selection"), p, "re-run frag extract"),
+        "selection.json": lambda p: parse_record(HeadSelection, read_json(p, "selection"), p, "re-run frag extract"),
         "context.json": lambda p: read_context(p.parent),
         "run.json": lambda p: read_record(RunRecord, p),
         "validation.json": lambda p: read_record(ValidationRecord, p),

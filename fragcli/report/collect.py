@@ -18,7 +18,7 @@ from typing import Any
 
 from fragcli.errors import FragError
 from fragcli.hypotheses import Source
-from fragcli.records import load_json
+from fragcli.paths import read_json
 
 MAX_DEPTH = 3
 KNOWN: dict[str, str] = {
@@ -112,7 +112,7 @@ def _validated(path: Path, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load(path: Path, root: Path, notes: list[str]) -> Source | None:
-    data = load_json(path, path.name)
+    data = read_json(path, path.name)
     want = KNOWN[path.name]
     rel = f"{root.name}/{path.relative_to(root)}"
     if not isinstance(data, dict) or data.get("_type") != want:

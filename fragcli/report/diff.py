@@ -14,8 +14,8 @@ from typing import Any, Literal, NamedTuple
 from pydantic import ValidationError
 
 from fragcli.errors import FragError
-from fragcli.paths import reports_dir, safe_name
-from fragcli.records import invalid, load_json
+from fragcli.paths import read_json, reports_dir, safe_name
+from fragcli.records import invalid
 from fragcli.report.schema import ComparedReport
 from fragcli.thresholds import Regression
 from fragcli.thresholds import finite_number as _num
@@ -118,7 +118,7 @@ def find_comparison(compare: str, model: dict[str, Any], exclude: Path | None = 
         raise FragError(f"--compare {compare}: no such report folder", "pass latest, baseline, none or a report folder")
     data = _read_summary(path / SUMMARY)
     if data is None:
-        raw = load_json(path / SUMMARY, "comparison report")  # a missing/malformed file -> its own FragError
+        raw = read_json(path / SUMMARY, "comparison report")  # a missing/malformed file -> its own FragError
         if isinstance(raw, dict) and raw.get("_type") == "frag.report":
             try:
                 ComparedReport.model_validate(raw)
