@@ -202,9 +202,11 @@ def generate(prompt: str, *, fragment: str | Path | None = None, strict: bool = 
              seeds: Seeds = 8, steps: int | None = None, guidance: float | None = None, negative_prompt: str = "",
              width: int | None = None, height: int | None = None, batch_size: int = 1, device: str = "auto",
              dtype: str = "auto", out: Path | None = None, overwrite: bool = False, show_progress: bool = True,
-             on_fallback: Callable[[str], None] | None = None) -> GenerateResult:
+             on_fallback: Callable[[str], None] | None = None,
+             evict_text_encoders: bool | None = None) -> GenerateResult:
     """One image per seed, with ``fragment`` (a folder or 'auto') when it is accepted, else the full model
-    (``on_fallback(reason)`` is called; with ``strict`` the refusal is raised instead). Writes PNGs + run.json."""
+    (``on_fallback(reason)`` is called; with ``strict`` the refusal is raised instead). Writes PNGs + run.json.
+    ``evict_text_encoders``: None = the fragment's default (see ``frag extract --evict-text-encoders``)."""
     from fragcli.generation import check_options, check_prompt
     from fragcli.models import default_model
     from fragcli.paths import check_out_dir
@@ -220,7 +222,7 @@ def generate(prompt: str, *, fragment: str | Path | None = None, strict: bool = 
     run = run_generation(name, prompt, fragment, seed_list, target, steps=steps, guidance=guidance,
                          negative_prompt=negative_prompt, width=width, height=height, batch_size=batch_size,
                          device=device, dtype=dtype, strict=strict, show_progress=show_progress,
-                         on_fallback=on_fallback)
+                         on_fallback=on_fallback, evict_text_encoders=evict_text_encoders)
     return GenerateResult(target, run)
 
 
@@ -249,20 +251,23 @@ class BenchResult:
 
 def bench(fragment_dir: Path, *, variants: int = 32, batch_size: int = 1, repeats: int = 3, steps: int | None = None,
           model: str | None = None, device: str = "auto", dtype: str = "auto", out: Path | None = None,
-          overwrite: bool = False, manifest: bool = True, show_progress: bool = True) -> BenchResult:
+          overwrite: bool = False, manifest: bool = True, show_progress: bool = True, memory: bool = True,
+          memory_repeats: int = 1, decode: str = "plain") -> BenchResult:
     """The full model and the fragment side by side in one process, interleaved (``frag bench``): writes
-    ``out``/bench.json and, unless ``manifest=False``, the manifest's performance block."""
+    ``out``/bench.json and, unless ``manifest=False``, the manifest's performance block. ``memory``: each side's
+    load / generation / decode peaks measured first in a fresh process (``memory_repeats`` runs per side);
+    ``decode``: the fragment side's VAE decode (plain | tiled | sliced | auto)."""
     from fragcli.bench import check_bench_args, run_bench, write_bench
     from fragcli.manifest import read_manifest
     from fragcli.paths import check_out_dir
 
-    check_bench_args(variants, batch_size, repeats, steps)
+    check_bench_args(variants, batch_size, repeats, steps, memory=memory, memory_repeats=memory_repeats, decode=decode)
     m = read_manifest(Path(fragment_dir))
     target = check_out_dir(Path(out) if out else _default_out(m.base_model.name, "bench"), overwrite,
                            inputs=[fragment_dir])
     with _updating(Path(fragment_dir), update=manifest):
         record = run_bench(Path(fragment_dir), variants, batch_size, repeats, model, device, dtype, steps,
-                           show_progress)
+                           show_progress, memory=memory, memory_repeats=memory_repeats, decode=decode)
         write_bench(record, target, Path(fragment_dir) if manifest else None)
     return BenchResult(target, record)
 

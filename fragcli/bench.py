@@ -7,6 +7,13 @@ alike. The whole interleaved run is repeated ``repeats`` times; every number is 
 range. Per contender: wall time per image, images/minute, resident weight bytes, the activation peak (peak RSS, or
 CUDA allocated memory, above what was resident when the chunk started), and its ratios against the ``baseline``
 (the full model). H4 reads the fragment's ``speedup``, H5 its ``break_even_images``.
+
+Memory, side by side (schema_version 3): every torch component of each pipeline with its device, dtypes, bytes and
+parameters (an evicted text encoder: 0 bytes, ``evicted``), their sum ``resident_bytes`` (H2's weight reduction),
+the on-disk size (the fragment's artifacts; the base model's weight files), and, unless ``memory=False``, each
+side's peaks measured in a fresh process (``fragcli.memory_probe``: the load peak, the peak while generating, and
+the VAE decode peak plain / tiled / sliced), run one side after the other before the timing run. The probes'
+generation peaks are what ``peak_memory_reduction`` and the manifest's ``peak_vram_*`` hold (``peak_kind``).
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fragcli.errors import FragError
+from fragcli.memory_probe import DECODE_CHOICES, DecodeMemory, DecodeMode, ProbeResult
 
 TYPE = "frag.bench"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BASELINE = "full"
 FRAGMENT = "fragment"
+PROBE_IMAGES = 2  # images each memory probe generates (at least one batch)
+PeakKind = Literal["cuda_max_allocated", "rss_hwm", "rss_hwm_since_start", "weights_plus_rss"]
 
 
 class _Strict(BaseModel):
@@ -41,8 +51,41 @@ class Ratios(_Strict):
     speedup: float = Field(description="median over repeats of baseline time / this contender's time (>1: faster)")
     speedup_range: tuple[float, float] = Field(description="[min, max] of the per-repeat speedups")
     speedup_per_repeat: list[float] = Field(description="baseline total_s / this total_s, repeat by repeat")
-    weight_reduction: float = Field(description="1 - weight_bytes / the baseline's weight_bytes")
-    peak_memory_reduction: float = Field(description="1 - peak_bytes_est / the baseline's peak_bytes_est")
+    weight_reduction: float = Field(description="1 - resident (weight) bytes / the baseline's")
+    peak_memory_reduction: float = Field(description="1 - peak / the baseline's peak, the peak being the record's "
+                                                     "peak_kind: the probes' generation peaks when measured, else "
+                                                     "peak_bytes_est (CPU) or cuda_peak_bytes")
+
+
+class ComponentInfo(_Strict):
+    """One torch component of a pipeline as it sits in memory."""
+
+    class_name: str | None = Field(description="its class; null when evicted")
+    device: str | None = Field(description="device of its tensors ('+'-joined when several); null when evicted")
+    dtypes: list[str] = Field(description="dtypes of its parameters and buffers")
+    bytes: int = Field(description="bytes of its parameters and buffers (0 when evicted)")
+    params: int = Field(description="parameters")
+    evicted: bool = Field(False, description="a text encoder the fragment dropped (its prompt is cached)")
+
+
+class SideMemory(_Strict):
+    """One side's peaks, each measured in a fresh process (medians over the probe runs)."""
+
+    peak_kind: Literal["cuda_max_allocated", "rss_hwm", "rss_hwm_since_start"] = Field(
+        description="what peak_bytes is: CUDA max allocated while generating, or the RSS high-water mark while "
+                    "generating (rss_hwm_since_start: it could not be reset after the load)")
+    peak_bytes: int = Field(description="the peak while generating, of peak_kind (what H2 and the manifest read)")
+    load_peak_bytes: int | None = Field(description="RSS high-water mark after loading (imports included)")
+    rss_after_import_bytes: int | None = Field(description="RSS of the probe with its libraries imported, nothing "
+                                                           "loaded")
+    rss_before_generate_bytes: int | None = Field(description="RSS just before generating")
+    generate_peak_bytes: int | None = Field(description="RSS high-water mark while generating")
+    generate_cuda_peak_bytes: int | None = Field(None, description="CUDA max allocated while generating")
+    generate_above_import_bytes: int | None = Field(
+        None, description="generate_peak_bytes - rss_after_import_bytes: what this side adds to a process that has "
+                          "its libraries imported (the libraries alone can outweigh a small model)")
+    decode: DecodeMemory | None = Field(None, description="VAE decode peaks (the first probe's); null: no VAE")
+    probes: list[ProbeResult] = Field(description="every probe run of this side, in order")
 
 
 class RunStats(_Strict):
@@ -62,13 +105,20 @@ class RunStats(_Strict):
     cuda_peak_bytes: int | None = Field(None, description="torch.cuda.max_memory_allocated over the chunks; null on CPU")
     params: int = Field(description="parameters of the pipeline's torch components")
     vs_baseline: Ratios | None = Field(None, description="ratios against runs[baseline]; null for the baseline")
+    components: dict[str, ComponentInfo] | None = Field(
+        None, description="every torch component of the pipeline (name -> where it is, its size); null: not "
+                          "recorded (schema_version < 3)")
+    resident_bytes: int | None = Field(None, description="sum of components' bytes (= weight_bytes)")
+    disk_bytes: int | None = Field(None, description="on disk: the full model's weight files (null: built in "
+                                                     "memory); the fragment's artifacts (it runs on its base model)")
+    memory: SideMemory | None = Field(None, description="peaks measured in a fresh process; null: not measured")
 
 
 class BenchRecord(_Strict):
     """bench.json: contenders benchmarked side by side in one process; top-level numbers are the fragment's."""
 
     type_: Literal["frag.bench"] = Field(TYPE, alias="_type")
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     frag_version: str = Field("", description="frag version that wrote the record")
     created: str = Field(description="UTC time, ISO 8601")
     model: ModelRef = Field(description="the base model")
@@ -92,8 +142,18 @@ class BenchRecord(_Strict):
     speedup_range: tuple[float, float] = Field(description="= runs.fragment.vs_baseline.speedup_range")
     weight_reduction: float = Field(description="= runs.fragment.vs_baseline.weight_reduction")
     peak_memory_reduction: float = Field(description="= runs.fragment.vs_baseline.peak_memory_reduction")
-    peak_kind: Literal["cuda_max_allocated", "weights_plus_rss"] = Field(
-        description="what the manifest's peak_vram_* hold: CUDA max allocated, or weights + peak RSS growth (CPU)")
+    peak_kind: PeakKind = Field(
+        description="what peak_memory_reduction and the manifest's peak_vram_* compare: CUDA max allocated, the RSS "
+                    "high-water mark while generating in a fresh process per side (rss_hwm; rss_hwm_since_start "
+                    "where it could not be reset after the load), or, without the probes, weights + peak RSS growth")
+    peak_source: Literal["probe", "in_process"] = Field(
+        "in_process", description="probe: the peaks come from the memory probes; in_process: from the timing run")
+    memory_probes: int = Field(0, description="probe runs per side (0: the probes were skipped, --no-memory)")
+    decode: Literal["plain", "tiled", "sliced", "auto"] = Field(
+        "plain", description="the VAE decode asked for the fragment side (auto: the mode its probe found lowest)")
+    decode_used: DecodeMode = Field("plain", description="the VAE decode the fragment side ran with (the full "
+                                                         "model always decodes plain)")
+    unavailable: dict[str, str] = Field(default_factory=dict, description="measurement -> why it is missing")
     profile_cost_s: float = Field(description="the fragment's profiling time (manifest costs)")
     extract_cost_s: float = Field(description="the fragment's extraction time (manifest costs)")
     break_even_images: float | None = Field(
@@ -113,7 +173,8 @@ class BenchRecord(_Strict):
 
 
 def read_bench(path: Path) -> BenchRecord:
-    """Read and validate a bench.json (version 1, from frag 0.1's tools/bench.py, is migrated in memory)."""
+    """Read and validate a bench.json (versions 1, from frag 0.1's tools/bench.py, and 2 are migrated in
+    memory)."""
     from fragcli.paths import read_json
 
     data = read_json(Path(path), "bench record")
@@ -125,12 +186,20 @@ def read_bench(path: Path) -> BenchRecord:
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:  # fields missing or odd
             what = f"lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else f"has a malformed field ({exc})"
             raise FragError(f"bench record {path} (schema_version 1) {what[:120]}", "re-run frag bench") from None
+    data = _migrate_v2(data)
     try:
         return BenchRecord.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise FragError(f"bench record {path} is invalid at {where}: {first['msg']}", "re-run frag bench") from None
+
+
+def _migrate_v2(data: dict) -> dict:
+    """Version 2 had no components, disk sizes nor probes: the new fields keep their defaults (not measured)."""
+    if data.get("schema_version") != 2:
+        return data
+    return {**data, "schema_version": SCHEMA_VERSION}
 
 
 def _migrate_v1(data: dict) -> dict:
@@ -150,7 +219,7 @@ def _migrate_v1(data: dict) -> dict:
     runs[FRAGMENT]["vs_baseline"] = {"speedup": d["speedup"], "speedup_range": (min(ratios), max(ratios)),
                                      "speedup_per_repeat": ratios, "weight_reduction": d["weight_reduction"],
                                      "peak_memory_reduction": d["peak_memory_reduction"]}
-    d.update(schema_version=SCHEMA_VERSION, runs=runs, speedup_range=(min(ratios), max(ratios)),
+    d.update(schema_version=2, runs=runs, speedup_range=(min(ratios), max(ratios)),
              peak_kind="weights_plus_rss" if f["cuda_peak_bytes"] is None else "cuda_max_allocated")
     return d
 
@@ -194,53 +263,151 @@ def _interleaved(models: dict[str, Any], s, variants: int, batch_size: int, repe
 
 
 def _stats(kind: str, description: str, m: dict, pipe, variants: int) -> RunStats:
-    from fragcli.memory import param_count, weight_bytes
+    from fragcli.memory import components, param_count, weight_bytes
 
     per = [t / variants for t in m["times"]]
     median = statistics.median(per)
     wb = weight_bytes(pipe)
+    comps = {name: ComponentInfo(**c) for name, c in components(pipe).items()}
     return RunStats(kind=kind, description=description, repeats_total_s=m["times"], total_s=statistics.median(m["times"]),
                     per_image_s=median, per_image_s_range=(min(per), max(per)),
                     images_per_min=60.0 / median if median > 0 else None, weight_bytes=wb,
                     activation_peak_bytes=m["act"], peak_bytes_est=wb + m["act"], cuda_peak_bytes=m["cuda"],
-                    params=param_count(pipe))
+                    params=param_count(pipe), components=comps, resident_bytes=sum(c.bytes for c in comps.values()))
 
 
-def _ratios(run: RunStats, base: RunStats) -> Ratios:
+def _peak(run: RunStats, kind: str) -> int | None:
+    """The run's peak of the record's ``peak_kind``."""
+    if run.memory is not None and kind != "weights_plus_rss":
+        return run.memory.peak_bytes
+    return run.cuda_peak_bytes if kind == "cuda_max_allocated" else run.peak_bytes_est
+
+
+def _ratios(run: RunStats, base: RunStats, kind: str) -> Ratios:
     per = [b / t for b, t in zip(base.repeats_total_s, run.repeats_total_s, strict=True)]
+    resident = run.resident_bytes if run.resident_bytes is not None else run.weight_bytes
+    base_resident = base.resident_bytes if base.resident_bytes is not None else base.weight_bytes
+    peak, base_peak = _peak(run, kind), _peak(base, kind)
+    if peak is None or not base_peak:
+        raise FragError(f"no {kind} peak was measured for the {run.kind} side", "pass --no-memory, or re-run")
     return Ratios(speedup=statistics.median(per), speedup_range=(min(per), max(per)), speedup_per_repeat=per,
-                  weight_reduction=1 - run.weight_bytes / base.weight_bytes,
-                  peak_memory_reduction=1 - run.peak_bytes_est / base.peak_bytes_est)
+                  weight_reduction=1 - resident / base_resident, peak_memory_reduction=1 - peak / base_peak)
 
 
-def check_bench_args(variants: int, batch_size: int, repeats: int, steps: int | None) -> None:
-    for name, value in (("--variants", variants), ("--batch-size", batch_size), ("--repeats", repeats)):
+def _median(values: list[int | None]) -> int | None:
+    got = [v for v in values if v is not None]
+    return int(statistics.median(got)) if got else None
+
+
+def side_memory(probes: list[ProbeResult]) -> SideMemory:
+    """One side's probe runs summarised (medians; the first run's decode)."""
+    cuda = probes[0].device.startswith("cuda")
+    kind = "cuda_max_allocated" if cuda else (
+        "rss_hwm" if all(p.peak_kind == "rss_hwm" for p in probes) else "rss_hwm_since_start")
+    gen = _median([p.generate_peak_bytes for p in probes])
+    gen_cuda = _median([p.generate_cuda_peak_bytes for p in probes])
+    peak = gen_cuda if cuda else gen
+    if peak is None:
+        raise FragError(f"the memory probe of the {probes[0].side} side measured no peak on {probes[0].device}",
+                        "pass --no-memory on this system")
+    above = _median([None if p.generate_peak_bytes is None or p.rss_after_import_bytes is None
+                     else p.generate_peak_bytes - p.rss_after_import_bytes for p in probes])
+    return SideMemory(peak_kind=kind, peak_bytes=peak, load_peak_bytes=_median([p.load_peak_bytes for p in probes]),
+                      rss_after_import_bytes=_median([p.rss_after_import_bytes for p in probes]),
+                      generate_above_import_bytes=above,
+                      rss_before_generate_bytes=_median([p.rss_before_generate_bytes for p in probes]),
+                      generate_peak_bytes=gen, generate_cuda_peak_bytes=gen_cuda, decode=probes[0].decode,
+                      probes=probes)
+
+
+def check_bench_args(variants: int, batch_size: int, repeats: int, steps: int | None, *, memory: bool = True,
+                     memory_repeats: int = 1, decode: str = "plain") -> None:
+    for name, value in (("--variants", variants), ("--batch-size", batch_size), ("--repeats", repeats),
+                        ("--memory-repeats", memory_repeats)):
         if value < 1:
             raise FragError(f"{name} must be at least 1 (got {value})", f"pass {name} 1 or more")
     if steps is not None and steps < 1:
         raise FragError(f"--steps must be at least 1 (got {steps})", "pass --steps 1 or more")
+    if decode not in DECODE_CHOICES:
+        raise FragError(f"--decode {decode!r} is not one of {', '.join(DECODE_CHOICES)}",
+                        "pass --decode plain (default), tiled, sliced or auto")
+    if decode == "auto" and not memory:
+        raise FragError("--decode auto picks the VAE decode from the memory probes, which --no-memory skips",
+                        "drop --no-memory, or pass --decode plain, tiled or sliced")
+
+
+def _probe_sides(spec: str, fragment_dir: Path, manifest, steps: int | None, variants: int, batch_size: int,
+                 device: str, dtype: str, memory_repeats: int, decode: str,
+                 show_progress: bool) -> dict[str, list[ProbeResult]]:
+    """Each side in a fresh process, one after the other (full, fragment), ``memory_repeats`` times."""
+    from fragcli.console import progress
+    from fragcli.memory_probe import ProbeRequest, probe
+
+    g = manifest.profiling
+    n = min(variants, max(PROBE_IMAGES, batch_size))
+    common = {"model": spec, "device": device, "dtype": dtype, "prompt": g.prompt, "steps": steps or g.steps,
+              "guidance": g.guidance, "width": g.width, "height": g.height, "negative_prompt": g.negative_prompt,
+              "seeds": list(range(n)), "batch_size": min(batch_size, n)}
+    requests = {BASELINE: ProbeRequest(side="full", decode="plain", **common),
+                FRAGMENT: ProbeRequest(side="fragment", fragment=str(fragment_dir), decode=decode, **common)}
+    out: dict[str, list[ProbeResult]] = {name: [] for name in requests}
+    with progress(f"memory probes (a fresh process per side, {memory_repeats} run(s))", len(requests) * memory_repeats,
+                  show_progress) as adv:
+        for _ in range(memory_repeats):
+            for name, req in requests.items():
+                out[name].append(probe(req))
+                adv(1)
+    return out
+
+
+def _disk_bytes(full, manifest) -> tuple[int | None, int]:
+    from fragcli.memory import disk_weight_bytes
+
+    return disk_weight_bytes(full.folder), sum(a.bytes for a in manifest.artifacts.values())
 
 
 def run_bench(fragment_dir: Path, variants: int = 32, batch_size: int = 1, repeats: int = 3, model: str | None = None,
               device: str = "auto", dtype: str = "auto", steps: int | None = None,
-              show_progress: bool = True) -> BenchRecord:
-    """Benchmark ``fragment_dir`` against its base model; returns the record (nothing is written)."""
+              show_progress: bool = True, *, memory: bool = True, memory_repeats: int = 1,
+              decode: str = "plain") -> BenchRecord:
+    """Benchmark ``fragment_dir`` against its base model; returns the record (nothing is written).
+
+    ``memory``: measure each side's peaks in a fresh process first (``fragcli.memory_probe``), ``memory_repeats``
+    times; ``decode``: the fragment side's VAE decode (plain | tiled | sliced | auto: the one its probe found
+    lowering the decode peak)."""
     import torch
 
     from fragcli import __version__
     from fragcli.console import progress
-    from fragcli.fragment import load_fragment, verify_fragment
+    from fragcli.fragment import verify_fragment
+    from fragcli.loading import open_fragment
     from fragcli.generation import resolve_settings
+    from fragcli.memory_probe import set_decode
     from fragcli.models import load_model
     from fragcli.profiling.run import versions
 
-    check_bench_args(variants, batch_size, repeats, steps)
+    check_bench_args(variants, batch_size, repeats, steps, memory=memory, memory_repeats=memory_repeats,
+                     decode=decode)
     fragment_dir = Path(fragment_dir).resolve()
     manifest = verify_fragment(fragment_dir, None)
     spec = model or manifest.base_model.spec
+    probes = None
+    if memory:  # first, while this process holds no model
+        probes = _probe_sides(spec, fragment_dir, manifest, steps, variants, batch_size, device, dtype,
+                              memory_repeats, decode, show_progress)
     full = load_model(spec, device, dtype)
-    frag = load_model(spec, device, dtype)
-    load_fragment(frag, fragment_dir)
+    frag = open_fragment(fragment_dir, model=spec, device=device, dtype=dtype)
+    decode_used = "plain" if decode == "auto" else decode
+    if probes is not None and decode == "auto" and probes[FRAGMENT][0].decode is not None:
+        decode_used = probes[FRAGMENT][0].decode.used
+    if getattr(frag.pipe, "vae", None) is None:
+        decode_used = "plain"
+    else:
+        try:
+            set_decode(frag.pipe.vae, decode_used)
+        except (NotImplementedError, AttributeError):
+            raise FragError(f"this model's VAE ({type(frag.pipe.vae).__name__}) has no {decode_used} decode",
+                            "pass --decode plain or auto") from None
     g = manifest.profiling
     s = resolve_settings(full, g.prompt, steps or g.steps, g.guidance, g.width, g.height, g.negative_prompt)
     models = {BASELINE: full, FRAGMENT: frag}
@@ -248,12 +415,23 @@ def run_bench(fragment_dir: Path, variants: int = 32, batch_size: int = 1, repea
     label = ", ".join(models)
     with progress(f"benchmark ({label}; interleaved, {repeats} repeat(s))", total, show_progress) as adv:
         measured = _interleaved(models, s, variants, batch_size, repeats, adv)
+    base_disk, frag_disk = _disk_bytes(full, manifest)
     base = _stats("full", f"{full.name} (full model)", measured[BASELINE], full.pipe, variants)
     runs = {BASELINE: base,
             FRAGMENT: _stats("fragment", manifest.name, measured[FRAGMENT], frag.pipe, variants)}
+    base.disk_bytes, runs[FRAGMENT].disk_bytes = base_disk, frag_disk
+    unavailable = {} if base_disk is not None else {"runs.full.disk_bytes": f"{full.name} is built in memory"}
+    if probes is not None:
+        for name, run in runs.items():
+            run.memory = side_memory(probes[name])
+        kinds = {run.memory.peak_kind for run in runs.values()}
+        kind = kinds.pop() if len(kinds) == 1 else "rss_hwm_since_start"
+    else:
+        kind = "weights_plus_rss" if base.cuda_peak_bytes is None else "cuda_max_allocated"
+        unavailable["memory"] = "the memory probes were skipped (--no-memory): peaks are from the timing run"
     for name, run in runs.items():
         if name != BASELINE:
-            run.vs_baseline = _ratios(run, base)
+            run.vs_baseline = _ratios(run, base, kind)
     x = runs[FRAGMENT]
     ratios = x.vs_baseline
     costs = manifest.costs
@@ -265,25 +443,33 @@ def run_bench(fragment_dir: Path, variants: int = 32, batch_size: int = 1, repea
         threads=torch.get_num_threads(), variants=variants, batch_size=batch_size, repeats=repeats, prompt=s.prompt,
         steps=s.steps, width=s.width, height=s.height, runs=runs, speedup=ratios.speedup,
         speedup_range=ratios.speedup_range, weight_reduction=ratios.weight_reduction,
-        peak_memory_reduction=ratios.peak_memory_reduction,
-        peak_kind="weights_plus_rss" if base.cuda_peak_bytes is None else "cuda_max_allocated",
-        profile_cost_s=costs.profile_s, extract_cost_s=costs.extract_s,
+        peak_memory_reduction=ratios.peak_memory_reduction, peak_kind=kind,
+        peak_source="probe" if probes is not None else "in_process",
+        memory_probes=memory_repeats if probes is not None else 0, decode=decode, decode_used=decode_used,
+        unavailable=unavailable, profile_cost_s=costs.profile_s, extract_cost_s=costs.extract_s,
         break_even_images=(costs.profile_s + costs.extract_s) / saved if saved > 0 else None, versions=versions())
 
 
+def _migrate(data: dict) -> dict:
+    return _migrate_v2(_migrate_v1(data) if data.get("schema_version") == 1 else data)
+
+
 def performance_block(result: BenchRecord | dict) -> dict:
-    """The manifest's ``performance`` block (design names) from a bench record."""
-    rec = result if isinstance(result, BenchRecord) else BenchRecord.model_validate(
-        _migrate_v1(result) if result.get("schema_version") == 1 else result)
+    """The manifest's ``performance`` block (design names) from a bench record: peak_vram_* are the peaks of the
+    record's peak_kind (the probes' generation peaks when they ran)."""
+    rec = result if isinstance(result, BenchRecord) else BenchRecord.model_validate(_migrate(result))
     f, x = rec.full, rec.fragment
-    cuda = rec.peak_kind == "cuda_max_allocated"
     mb = 2**20
-    peak = (lambda r: r.cuda_peak_bytes) if cuda else (lambda r: r.peak_bytes_est)
+
+    def peak(run: RunStats) -> float | None:
+        value = _peak(run, rec.peak_kind)
+        return None if value is None else value / mb
+
     return {"speedup": rec.speedup, "weight_reduction": rec.weight_reduction,
             "peak_memory_reduction": rec.peak_memory_reduction, "break_even_images": rec.break_even_images,
             "variants": rec.variants, "device": rec.device, "latency_full_ms": 1000 * f.per_image_s,
-            "latency_fragment_ms": 1000 * x.per_image_s, "peak_vram_full_mb": peak(f) / mb,
-            "peak_vram_fragment_mb": peak(x) / mb, "peak_kind": rec.peak_kind}
+            "latency_fragment_ms": 1000 * x.per_image_s, "peak_vram_full_mb": peak(f),
+            "peak_vram_fragment_mb": peak(x), "peak_kind": rec.peak_kind}
 
 
 def write_bench(record: BenchRecord, out: Path, fragment_dir: Path | None = None) -> Path:

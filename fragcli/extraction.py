@@ -22,6 +22,7 @@ class ExtractResult:
     manifest: Manifest | None  # None for --simulate
     plans: list[Plan]
     simulate: bool = False
+    recipe: Any = None  # fragcli.recipe.RecipeResult with --objective
 
     def summary(self) -> dict[str, Any]:
         base = {"out": str(self.out), "simulate": self.simulate,
@@ -30,7 +31,29 @@ class ExtractResult:
         if self.manifest is not None:
             m = self.manifest
             base.update(name=m.name, params=m.params, weight_bytes=m.weight_bytes, costs=m.costs.model_dump())
+        if self.recipe is not None:
+            r = self.recipe.record
+            base["recipe"] = {"objective": r.objective, "chosen": r.chosen, "search_s": r.search_s,
+                              "candidates": len(r.candidates)}
         return base
+
+
+LEVERS = ("head_retention", "ffn_retention", "low_rank_energy", "quantize", "cache_prompt", "evict_text_encoders")
+OBJECTIVES = ("memory", "speed", "balanced")
+DEFAULT_HEAD_RETENTION = 0.7
+
+
+def lever_options(*, head_retention=None, ffn_retention=None, low_rank_energy=None, quantize=None,
+                  cache_prompt=False, evict_text_encoders=False, default_heads=True) -> dict[str, Any]:
+    """The lever part of an extract options dict; with no lever at all (and ``default_heads``), head pruning at
+    0.7, as frag extract always did."""
+    q = None if quantize in (None, "", "none") else quantize
+    options = {"head_retention": head_retention, "ffn_retention": ffn_retention, "low_rank_energy": low_rank_energy,
+               "quantize": q, "cache_prompt": bool(cache_prompt or evict_text_encoders),
+               "evict_text_encoders": bool(evict_text_encoders)}
+    if default_heads and all(options[k] is None or options[k] is False for k in LEVERS):
+        options["head_retention"] = DEFAULT_HEAD_RETENTION
+    return options
 
 
 def load_profiled_model(ctx: dict, model: str | None, device: str, dtype: str):
@@ -72,8 +95,13 @@ def _tag(plan: Plan) -> str:
 
 def extract(profile_dir: Path, options: dict[str, Any], *, out: Path | None = None, overwrite: bool = False,
             name: str = "", model: str | None = None, device: str = "auto", dtype: str = "auto",
-            simulate: bool = False, show_progress: bool = True) -> ExtractResult:
-    """Build a fragment (or, with ``simulate``, the plan and the masked model's images) from a profile."""
+            simulate: bool = False, show_progress: bool = True, objective: str | None = None,
+            search_seeds: int = 4, thresholds: Path | None = None) -> ExtractResult:
+    """Build a fragment (or, with ``simulate``, the plan and the masked model's images) from a profile.
+
+    With ``objective`` ("memory") the levers are chosen by a recipe search (``fragcli.recipe``): candidates are
+    tried on ``search_seeds`` of the profile's seeds against its full-model images, and the best one that passes the
+    quality gates of ``thresholds`` is built; levers given in ``options`` are kept fixed in every candidate."""
     from fragcli.fragment import build_fragment
     from fragcli.models.hashing import sha256_file
     from fragcli.paths import check_out_dir, fragments_dir
@@ -82,17 +110,55 @@ def extract(profile_dir: Path, options: dict[str, Any], *, out: Path | None = No
     t0 = time.perf_counter()
     profile = ProfileData(Path(profile_dir))
     ctx = profile.context
+    recipe = loaded = None
+    if objective is not None:
+        if objective not in OBJECTIVES:
+            raise FragError(f"unknown --objective {objective!r}", f"use one of: {', '.join(OBJECTIVES)}")
+        if simulate:
+            raise FragError("--simulate and --objective do not go together",
+                            "run --objective, then validate the fragment it writes")
+        if search_seeds < 1:
+            raise FragError(f"--search-seeds must be at least 1 (got {search_seeds})", "pass e.g. --search-seeds 4")
+        from fragcli.paths import safe_name
+
+        frag_name = name or safe_name(f"{ctx['model']['name']}-{ctx['prompt'][:40]}-{objective}")
+        target = check_out_dir(Path(out) if out else fragments_dir() / frag_name, overwrite, inputs=[profile.folder])
+        recipe, loaded = _search(profile, options, objective, search_seeds, thresholds, model, device, dtype,
+                                 show_progress)
+        options = {**options, **recipe.chosen_options}
     plans = plan_techniques(profile, options)
-    frag_name = name or default_name(ctx, plans)
-    target = check_out_dir(Path(out) if out else fragments_dir() / frag_name, overwrite, inputs=[profile.folder])
-    loaded = load_profiled_model(ctx, model, device, dtype)
+    if recipe is None:
+        frag_name = name or default_name(ctx, plans)
+        target = check_out_dir(Path(out) if out else fragments_dir() / frag_name, overwrite, inputs=[profile.folder])
+        loaded = load_profiled_model(ctx, model, device, dtype)
     if simulate:
         _simulate(loaded, ctx, plans, target, show_progress)
         return ExtractResult(target, None, plans, simulate=True)
-    costs = {"profile_s": float(ctx.get("timings", {}).get("total_s", 0.0)), "extract_s": time.perf_counter() - t0}
+    costs = {"profile_s": float(ctx.get("timings", {}).get("total_s", 0.0)), "extract_s": time.perf_counter() - t0,
+             "search_s": recipe.record.search_s if recipe is not None else 0.0}
+    extra = None
+    if recipe is not None:
+        from fragcli.recipe import write_recipe
+
+        extra = lambda tmp: write_recipe(recipe, tmp)  # noqa: E731
     manifest = build_fragment(loaded, ctx, plans, target, frag_name, costs,
-                              context_sha256=sha256_file(profile.folder / "context.json"))
-    return ExtractResult(target, manifest, plans)
+                              context_sha256=sha256_file(profile.folder / "context.json"), extra=extra)
+    return ExtractResult(target, manifest, plans, recipe=recipe)
+
+
+def _search(profile, options: dict, objective: str, search_seeds: int, thresholds, model, device, dtype,
+            show_progress: bool):
+    """The recipe search: the best candidate that passes the quality gates, or a one-line refusal."""
+    from fragcli.recipe import default_candidates, search_recipe
+
+    ctx = profile.context
+    loaded = load_profiled_model(ctx, model, device, dtype)
+    result = search_recipe(profile, loaded, objective, seeds=ctx["seeds"][:search_seeds],
+                           candidates=default_candidates(objective, fixed=options),
+                           thresholds=thresholds, show_progress=show_progress)
+    if result.chosen is None:
+        raise result.refusal()
+    return result, loaded
 
 
 def _simulate(loaded, ctx: dict, plans: list[Plan], target: Path, show_progress: bool) -> None:

@@ -2,8 +2,8 @@
 
 ``python -m fragcli.formats`` prints the document; ``--write`` writes docs/FORMATS.md; ``--check`` exits 1 when
 docs/FORMATS.md differs. The field tables come from the pydantic models (``fragcli.records``, ``fragcli.report.schema``,
-the manifest, the head selection, the bench record, every registered technique's config) and the Parquet declarations
-(``fragcli.profiling.recorder`` and every registered technique's ``collectors()``); the prose is below.
+the manifest, the head selection, the recipe, the bench record, every registered technique's config) and the Parquet
+declarations (``fragcli.profiling.recorder`` and every registered technique's ``collectors()``); the prose is below.
 """
 
 from __future__ import annotations
@@ -80,6 +80,16 @@ FRAGMENT = """\
 - `manifest.json`: the fragment, layer by layer: base model, profiling context, the ordered `techniques` (each
   with its versioned config and its summary), the weight delta, quality and reuse (filled by `frag validate`),
   performance (filled by `frag bench`), costs, and the SHA-256 of every artifact. No absolute path is stored.
+"""
+
+RECIPE = """\
+## Recipe (`frag extract --objective memory|speed|balanced`, writes `recipe.json` and `recipe.png` in the fragment)
+
+The candidates the search tried (`fragcli.recipe`: each an extract options dict, applied to a copy of the denoiser
+and generated on a few of the profile's seeds), their status, size, speed and quality against the profile's
+full-model images, the gates used, and the one built (`chosen`; null: none passed, and no fragment is written).
+`recipe.png`: resident MiB and seconds per image against the quality loss, passing and failing candidates, the
+Pareto fronts, the chosen one labelled.
 """
 
 VALIDATION = """\
@@ -219,6 +229,7 @@ def render() -> str:
     from fragcli.bench import BenchRecord
     from fragcli.manifest import Manifest
     from fragcli.profiling.recorder import BLOCK_TABLE, BLOCK_TYPES, HEAD_TABLE, HEAD_TYPES
+    from fragcli.recipe import RecipeRecord
     from fragcli.records import ProfileContext, RunRecord, ValidationRecord
     from fragcli.report.schema import HeadImportance, RegressionDiff, ReportSummary
     from fragcli.sweep import SweepRecord
@@ -241,6 +252,7 @@ def render() -> str:
     parts += ["### Technique configs (`techniques[].config`)\n\nOne per registered technique, in registration "
               "order.\n\n" + configs,
               VALIDATION, r.model(ValidationRecord, _file("validation.json", ValidationRecord)),
+              RECIPE, r.model(RecipeRecord, _file("recipe.json", RecipeRecord)),
               SWEEP, r.model(SweepRecord, _file("sweep.json", SweepRecord)),
               BENCH, r.model(BenchRecord, _file("bench.json", BenchRecord)),
               RUN, r.model(RunRecord, _file("run.json", RunRecord)),

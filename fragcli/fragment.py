@@ -28,7 +28,7 @@ from fragcli.manifest import (
 from fragcli.memory import param_count, weight_bytes
 from fragcli.models.hashing import sha256_file
 from fragcli.paths import atomic_write_json, fragments_dir, inside, staged_dir
-from fragcli.techniques.base import Plan
+from fragcli.techniques.base import Plan, Technique
 from fragcli.techniques.stack import (
     Step,
     apply_stack,
@@ -49,14 +49,17 @@ def plan_steps(plans: list[Plan]) -> list[Step]:
 
 
 def build_fragment(model, context: dict, plans: list[Plan], out: Path, name: str, costs: dict,
-                   context_sha256: str | None = None) -> Manifest:
-    """Apply ``plans`` (checked as a whole first) to ``model`` in place and write the fragment folder ``out``."""
+                   context_sha256: str | None = None, extra=None) -> Manifest:
+    """Apply ``plans`` (checked as a whole first) to ``model`` in place and write the fragment folder ``out``
+    (``extra(staging_folder) -> [file names]`` writes more hashed artifacts, e.g. recipe.json)."""
     from safetensors.torch import save_file
 
     den, prefix = model.denoiser, model.denoiser_name
     before_params, before_bytes = param_count(model.pipe), weight_bytes(model.pipe)
+    steps = plan_steps(plans)
+    captured = capture_steps(model, context, steps)  # from the whole pipeline, before anything changes
     before = snapshot(den)
-    steps = apply_stack(den, plan_steps(plans))
+    steps = apply_stack(den, steps)
     changed, added, removed = state_diff(before, den)
     state = den.state_dict()
     delta = {f"{prefix}.{k}": state[k].detach().contiguous().cpu() for k in changed + added}
@@ -66,10 +69,15 @@ def build_fragment(model, context: dict, plans: list[Plan], out: Path, name: str
         if delta:
             save_file(delta, str(tmp / WEIGHTS), metadata={"format": "pt", "frag": __version__})
             files.append(WEIGHTS)
+        for tname, tensors in captured.items():
+            save_file(tensors, str(tmp / extra_file(tname)), metadata={"format": "pt", "frag": __version__})
+            files.append(extra_file(tname))
         for plan in plans:
             if plan.record is not None and plan.file:
                 atomic_write_json(inside(tmp, plan.file), plan.record)
                 files.append(plan.file)
+        if extra is not None:
+            files += extra(tmp)
         artifacts = {f: Artifact(sha256=sha256_file(tmp / f), bytes=(tmp / f).stat().st_size) for f in files}
         weights = None
         if delta or removed:
@@ -95,6 +103,31 @@ def build_fragment(model, context: dict, plans: list[Plan], out: Path, name: str
         )
         write_manifest(tmp, manifest)
     return manifest
+
+
+def extra_file(technique: str) -> str:
+    """The file holding a pipeline-level technique's captured tensors (e.g. prompt_embeds.safetensors)."""
+    return f"{technique}.safetensors"
+
+
+def capture_steps(model, context: dict, steps: list[Step]) -> dict[str, dict]:
+    """Run every step's ``capture`` on the unchanged pipeline; resolved configs replace the planned ones."""
+    from fragcli.generation import resolve_settings
+
+    out: dict[str, dict] = {}
+    settings = None
+    for step in steps:
+        if type(step.technique).capture is Technique.capture:
+            continue  # the protocol's default: nothing to capture
+        if settings is None:
+            settings = resolve_settings(model, context["prompt"], context["steps"], context.get("guidance"),
+                                        context.get("width"), context.get("height"), context.get("negative_prompt", ""))
+        got = step.technique.capture(model, step.config, settings)
+        if got is not None:
+            step.config, tensors = got
+            if tensors:
+                out[step.technique.name] = tensors
+    return out
 
 
 def verify_fragment(folder: Path, model_hash: str | None) -> Manifest:
@@ -199,6 +232,7 @@ class CheckedFragment:
     steps: list[Step]
     delta: dict
     prefix: str
+    extras: dict  # technique name -> its captured tensors (``<name>.safetensors``)
 
 
 def check_fragment(pipe, folder: str | Path, model_hash: str | None = None) -> CheckedFragment:
@@ -221,13 +255,33 @@ def check_fragment(pipe, folder: str | Path, model_hash: str | None = None) -> C
     if getattr(pipe, "_frag_fragment", None):
         raise FragError("this pipeline already has a fragment loaded", "load the base model again first")
     steps = steps_from_entries(manifest.techniques)
-    delta = _read_delta(folder, manifest, next(den.parameters()).device)
+    device = next(den.parameters()).device
+    delta = _read_delta(folder, manifest, device)
     check_delta(den, check_stack(den, steps), manifest, delta, prefix)
-    return CheckedFragment(pipe, manifest, steps, delta, prefix)
+    return CheckedFragment(pipe, manifest, steps, delta, prefix, read_extras(folder, manifest, steps, device))
 
 
-def apply_fragment(checked: CheckedFragment):
-    """Rebuild the checked stack on the real denoiser and copy the delta in; returns the pipeline."""
+def read_extras(folder: Path, manifest: Manifest, steps: list[Step], device) -> dict:
+    """Every pipeline-level technique's captured tensors (hashes were checked by ``verify_fragment``)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for step in steps:
+        rel = extra_file(step.technique.name)
+        if rel not in manifest.artifacts:
+            continue
+        try:
+            out[step.technique.name] = load_file(str(inside(folder, rel)), device=str(device))
+        except Exception as exc:  # SafetensorError
+            raise FragError(f"fragment file {rel} cannot be read ({str(exc).splitlines()[0][:100]})",
+                            "rebuild the fragment with frag extract") from None
+    return out
+
+
+def apply_fragment(checked: CheckedFragment, *, evict_text_encoders: bool | None = None, reload=None):
+    """Rebuild the checked stack on the real denoiser, copy the delta in, and attach the pipeline-level techniques
+    (``evict_text_encoders``: None = the fragment's own default; ``reload()`` returns the evicted components when
+    a call needs them); returns the pipeline."""
     import torch
 
     pipe, prefix = checked.pipe, checked.prefix
@@ -241,17 +295,52 @@ def apply_fragment(checked: CheckedFragment):
         for key, tensor in checked.delta.items():
             target = state[key[len(prefix) + 1 :]]
             target.copy_(tensor.to(target.dtype) if _compatible(tensor.dtype, target.dtype) else tensor)
+    attach_steps(pipe, checked.steps, checked.extras, evict_text_encoders, reload)
     return pipe
 
 
-def load_fragment(pipe, folder: str | Path, model_hash: str | None = None):
+def attach_steps(pipe, steps: list[Step], extras: dict, evict: bool | None, reload) -> None:
+    for step in steps:
+        step.technique.attach(pipe, step.config, extras.get(step.technique.name, {}), evict=evict, reload=reload)
+
+
+def reloader(loaded=None, pipe=None):
+    """A callable returning the pipeline's text encoders freshly loaded on the CPU (None when frag cannot tell where
+    they come from): from the model's folder when it has one, else by loading the built-in model again."""
+    folder = getattr(loaded, "folder", None)
+    if folder is None and pipe is not None:
+        source = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+        folder = Path(source) if source and Path(source).is_dir() else None
+    spec = f"{loaded.name}" if loaded is not None and str(loaded.source).startswith("builtin:") else None
+    dtype = getattr(loaded, "dtype", None) or "fp32"
+    if folder is None and spec is None:
+        return None
+
+    def reload() -> dict:
+        from fragcli.models import load_components, load_model
+
+        if folder is not None and Path(folder).is_dir():
+            return load_components(Path(folder), "text_encoder", dtype)
+        full = load_model(spec, "cpu", dtype)
+        return {n: getattr(full.pipe, n) for n in full.pipe.components if n.startswith("text_encoder")}
+
+    return reload
+
+
+def load_fragment(pipe, folder: str | Path, model_hash: str | None = None, *,
+                  evict_text_encoders: bool | None = None):
     """Verify ``folder`` against ``pipe``'s base model, check the rebuilt structure on a meta copy, then rebuild
     the real denoiser and load the delta. A refusal (FragError) leaves the pipeline untouched.
 
     ``pipe`` is a diffusers pipeline (or a ``LoadedModel``); returns the pipeline, ready to run. Nothing is unpickled:
-    weights come from safetensors only.
+    weights come from safetensors only. ``evict_text_encoders`` (None: the fragment's default, set by ``frag extract
+    --evict-text-encoders``) drops the text encoders when the fragment caches its prompt's embeddings; another
+    prompt then loads them on the CPU for one encoding.
     """
-    return apply_fragment(check_fragment(pipe, folder, model_hash))
+    loaded = pipe if hasattr(pipe, "pipe") else None
+    checked = check_fragment(pipe, folder, model_hash)
+    return apply_fragment(checked, evict_text_encoders=evict_text_encoders,
+                          reload=reloader(loaded, checked.pipe))
 
 
 def find_fragment(model_hash: str, prompt: str, root: Path | None = None) -> Path | None:

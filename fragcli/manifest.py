@@ -139,7 +139,8 @@ class Performance(_Strict):
 
 class Costs(_Strict):
     profile_s: float = 0.0
-    extract_s: float = 0.0
+    extract_s: float = Field(0.0, description="wall seconds of frag extract, recipe search included")
+    search_s: float = Field(0.0, description="of which the recipe search (--objective); 0 without one")
 
 
 class Artifact(_Strict):

@@ -25,37 +25,45 @@ def _identity(folder: Path):
 
 
 def load_with_fragment(spec: str, fragment: str | None, prompt: str, device: str, dtype: str, strict: bool,
-                       on_fallback: Callable[[str], None] | None = None):
-    """Load ``spec`` and apply ``fragment`` (a folder or 'auto'); returns (loaded, fragment_dir | None, reason | None).
+                       on_fallback: Callable[[str], None] | None = None, evict_text_encoders: bool | None = None):
+    """Open ``fragment`` (a folder or 'auto') on ``spec``; returns (loaded, fragment_dir | None, reason | None).
 
-    A refused fragment falls back to a fresh copy of the full model (unless ``strict``: then the FragError propagates).
-    A fragment that another process replaces, deletes or updates while it is being loaded (the folder changed
-    between the start and the end of the load) is never used half-and-half: the load is tried once more from the
-    base model, then refused.
+    The fragment is opened with ``fragcli.loading.open_fragment``, which never loads what the fragment replaces; a
+    refused fragment falls back to the full model (unless ``strict``: then the FragError propagates). A fragment
+    that another process replaces, deletes or updates while it is being loaded (the folder changed between the
+    start and the end of the load) is never used half-and-half: the load is tried once more, then refused.
     """
-    from fragcli.fragment import find_fragment, load_fragment
-    from fragcli.models import load_model
+    from fragcli import loading
+    from fragcli.fragment import find_fragment
+    from fragcli.models import load_model, peek_hash
 
-    loaded = load_model(spec, device, dtype)
+    full = []
+
+    def base():
+        if not full:
+            full.append(load_model(spec, device, dtype))
+        return full[0]
+
     if not fragment:
-        return loaded, None, None
-    reason = None
+        return base(), None, None
+    reason, changed = None, False
     for _attempt in range(2):
         target = fragment
         if fragment == "auto":
-            found = find_fragment(loaded.hash, prompt)
+            found = find_fragment(peek_hash(spec) or base().hash, prompt)
             if found is None:
                 reason = "no fragment under fragments/ matches this model and prompt"
                 if strict:
                     raise FragError(f"--fragment auto: {reason}", "run frag extract for this prompt, or drop --strict")
                 if on_fallback:
                     on_fallback(f"{reason}; running the full model")
-                return loaded, None, reason
+                return base(), None, reason
             target = str(found)
         before = _identity(Path(target))
-        refusal = None
+        refusal, loaded = None, None
         try:
-            load_fragment(loaded, target)
+            loaded = loading.open_fragment(target, model=spec, device=device, dtype=dtype,
+                                           evict_text_encoders=evict_text_encoders)
         except FragError as exc:
             refusal = exc
         except OSError as exc:  # a file vanished between two reads: it changed under us (checked below)
@@ -64,8 +72,7 @@ def load_with_fragment(spec: str, fragment: str | None, prompt: str, device: str
         changed = _identity(Path(target)) != before
         if refusal is None and not changed:
             return loaded, Path(target).resolve(), None  # (a folder that cannot be listed cannot load either)
-        if getattr(loaded.pipe, "_frag_fragment", None):  # applied (or half-applied): start again from the base model
-            loaded = load_model(spec, device, dtype)
+        del loaded
         if not changed:  # an ordinary refusal (stale, corrupt): not worth a second try
             if strict:
                 raise refusal
@@ -77,12 +84,12 @@ def load_with_fragment(spec: str, fragment: str | None, prompt: str, device: str
         raise FragError(reason)
     if on_fallback:
         on_fallback(f"fragment refused ({reason}); running the full model")
-    return loaded, None, reason
+    return base(), None, reason
 
 
 def run_generation(spec: str, prompt: str, fragment: str | None, seeds: list[int], out: Path, *, steps=None,
                    guidance=None, negative_prompt="", width=None, height=None, batch_size=1, device="auto",
-                   dtype="auto", strict=False, show_progress=True, on_fallback=None) -> dict:
+                   dtype="auto", strict=False, show_progress=True, on_fallback=None, evict_text_encoders=None) -> dict:
     """Generate ``seeds`` into ``out`` (PNGs + run.json, atomically); returns the run record (a ``RunRecord`` dump)."""
     from fragcli.console import progress
     from fragcli.generation import generate, resolve_settings
@@ -91,7 +98,8 @@ def run_generation(spec: str, prompt: str, fragment: str | None, seeds: list[int
     from fragcli.profiling.run import versions
     from fragcli.records import RunRecord
 
-    loaded, frag_dir, reason = load_with_fragment(spec, fragment, prompt, device, dtype, strict, on_fallback)
+    loaded, frag_dir, reason = load_with_fragment(spec, fragment, prompt, device, dtype, strict, on_fallback,
+                                                  evict_text_encoders)
     s = resolve_settings(loaded, prompt, steps, guidance, width, height, negative_prompt)
     with PeakMemory(loaded.device) as peak, progress("generating", len(seeds) * s.steps, show_progress) as adv:
         result = generate(loaded.pipe, s, seeds, loaded.device, batch_size, advance=adv)

@@ -27,7 +27,7 @@ class ValidateOptions:
     show_progress: bool = True
 
 
-def _profile_images(profile_dir: Path | None, model_hash: str, s, seeds: list[int]) -> dict[int, Image.Image]:
+def profile_images(profile_dir: Path | None, model_hash: str, s, seeds: list[int]) -> dict[int, Image.Image]:
     """Full-model images the profile already made, where its model and settings match exactly."""
     from fragcli.records import ProfileContext, read_record
 
@@ -46,15 +46,16 @@ def _profile_images(profile_dir: Path | None, model_hash: str, s, seeds: list[in
     return out
 
 
-def _metrics(loaded, o: ValidateOptions):
+def quality_metrics(loaded, clip_model=None, clip_weights=None, lpips_weights=None):
+    """The metrics ``frag validate`` uses for ``loaded``'s images (the model's judge when it ships one)."""
     from fragcli.metrics import load_metrics
 
     judge = None
-    if loaded.defaults.get("judge") and o.clip_weights is None:
+    if loaded.defaults.get("judge") and clip_weights is None:
         from fragcli.judge import load_judge
 
         judge = load_judge(device=loaded.device)
-    return load_metrics(o.clip_model, o.clip_weights, o.lpips_weights, judge=judge, device=loaded.device)
+    return load_metrics(clip_model, clip_weights, lpips_weights, judge=judge, device=loaded.device)
 
 
 def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
@@ -63,7 +64,7 @@ def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
     Returns ``{"record": the validation.json dict (a ``ValidationRecord`` dump), "full": images, "frag": images}``.
     """
     from fragcli.console import progress
-    from fragcli.fragment import apply_fragment, check_fragment, verify_fragment
+    from fragcli.fragment import apply_fragment, check_fragment, reloader, verify_fragment
     from fragcli.generation import generate, resolve_settings
     from fragcli.memory import param_count, weight_bytes
     from fragcli.metrics import aggregate, compare_images
@@ -87,10 +88,10 @@ def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
     steps = steps_from_entries(manifest.techniques) if o.simulate else None
     para = o.paraphrases or []
     p_seeds = o.seeds[: o.paraphrase_seeds]
-    metrics = _metrics(loaded, o)
+    metrics = quality_metrics(loaded, o.clip_model, o.clip_weights, o.lpips_weights)
     before = {"params": param_count(loaded.pipe), "weight_bytes": weight_bytes(loaded.pipe)}
 
-    full = _profile_images(o.profile_dir, loaded.hash, s, o.seeds)
+    full = profile_images(o.profile_dir, loaded.hash, s, o.seeds)
     reused = sorted(full)
     todo = [seed for seed in o.seeds if seed not in full]
     total = (len(todo) + 2 * len(para) * len(p_seeds) + len(o.seeds)) * s.steps
@@ -101,7 +102,7 @@ def validate_fragment(fragment_dir: Path, o: ValidateOptions) -> dict:
         if o.simulate:
             mask_stack(loaded.denoiser, steps)
         else:
-            apply_fragment(checked)
+            apply_fragment(checked, reload=reloader(loaded, loaded.pipe))
         after = {"params": param_count(loaded.pipe), "weight_bytes": weight_bytes(loaded.pipe)}
         frag = generate(loaded.pipe, s, o.seeds, loaded.device, advance=adv).images
         frag_para = [generate(loaded.pipe, s, p_seeds, loaded.device, prompt=p, advance=adv).images for p in para]

@@ -12,7 +12,7 @@ from fragcli.sweep import SweepRecord
 from tests.helpers import assert_one_line_error, private_copy, run_cli, tiny_chain
 
 PROMPT = "a red circle on a blue background"
-FAST = ("--variants", "2", "--steps", "2")
+FAST = ("--variants", "2", "--steps", "2", "--no-memory")  # the probes: tests/test_bench_memory.py
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_bench_writes_a_typed_record_into_out_and_the_manifest(fragment, tmp_pat
     assert printed.pop("out") == str((out / "bench.json").resolve()) and printed == on_disk
     rec = BenchRecord.model_validate(on_disk)
     assert rec == read_bench(out / "bench.json")
-    assert on_disk["_type"] == "frag.bench" and on_disk["schema_version"] == 2
+    assert on_disk["_type"] == "frag.bench" and on_disk["schema_version"] == 3
     assert rec.baseline == "full" and set(rec.runs) == {"full", "fragment"}
     f, x = rec.runs["full"], rec.runs["fragment"]
     assert f.vs_baseline is None and x.vs_baseline is not None

@@ -229,27 +229,28 @@ def test_an_unwritable_frag_home_does_not_break_commands_writing_elsewhere(tmp_p
 def test_a_fragment_changed_while_it_loads_is_never_used_half_and_half(chain, frag_home, monkeypatch):
     """``generate --fragment``: a fragment folder that changes between the start and the end of its load (another
     process swapped, deleted or updated it) is loaded again from the base model, and refused if it keeps changing."""
-    import fragcli.fragment
+    import fragcli.loading
     from fragcli.runs import load_with_fragment
     from tests.helpers import private_copy
 
     folder = private_copy(chain / "fragment", frag_home)
-    real, calls = fragcli.fragment.load_fragment, []
+    real, calls = fragcli.loading.open_fragment, []
 
-    def load_and_change(loaded, target, changes):
+    def load_and_change(target, changes, **kw):
         calls.append(target)
-        real(loaded, target)
+        loaded = real(target, **kw)
         if len(calls) <= changes:
             os.utime(folder / "manifest.json")  # as an in-place update or a swap would: the files are not the same
+        return loaded
 
     reasons = []
-    monkeypatch.setattr(fragcli.fragment, "load_fragment", lambda lo, t: load_and_change(lo, t, 1))
+    monkeypatch.setattr(fragcli.loading, "open_fragment", lambda t, **kw: load_and_change(t, 1, **kw))
     loaded, used, reason = load_with_fragment("tiny", str(folder), PROMPT, "cpu", "auto", False, reasons.append)
     assert used == folder.resolve() and reason is None and not reasons and len(calls) == 2
-    assert loaded.pipe._frag_fragment  # the second load, into a fresh base model
+    assert loaded.pipe._frag_fragment  # the second load
 
     calls.clear()
-    monkeypatch.setattr(fragcli.fragment, "load_fragment", lambda lo, t: load_and_change(lo, t, 99))
+    monkeypatch.setattr(fragcli.loading, "open_fragment", lambda t, **kw: load_and_change(t, 99, **kw))
     loaded, used, reason = load_with_fragment("tiny", str(folder), PROMPT, "cpu", "auto", False, reasons.append)
     assert used is None and "was replaced, deleted or updated by another process" in reason and len(calls) == 2
     assert not getattr(loaded.pipe, "_frag_fragment", None)  # the full model, untouched

@@ -12,7 +12,33 @@ from fragcli.cli import options as o
 
 def extract(
     profile_dir: Annotated[Path, typer.Argument(help="A profile folder written by frag profile.")],
-    head_retention: Annotated[float, typer.Option("--head-retention", help="Fraction of heads to keep, in (0, 1].")] = 0.7,
+    head_retention: Annotated[
+        float | None, typer.Option("--head-retention", help="Fraction of attention heads to keep, in (0, 1] "
+                                   "(0.7 when no lever and no --objective is given).", show_default=False)
+    ] = None,
+    ffn_retention: Annotated[
+        float | None, typer.Option("--ffn-retention", help="Fraction of feed-forward inner channels to keep, in (0, 1].",
+                                   show_default=False)
+    ] = None,
+    low_rank_energy: Annotated[
+        float | None, typer.Option("--low-rank-energy", help="Factor Linear layers keeping this fraction of spectral "
+                                   "energy (e.g. 0.93), where that saves bytes.", show_default=False)
+    ] = None,
+    quantize: Annotated[str, typer.Option("--quantize", help="Weights of what is retained: int8 | fp8 | none.")] = "none",
+    cache_prompt: Annotated[
+        bool, typer.Option("--cache-prompt", help="Store the prompt's text embeddings in the fragment.")
+    ] = False,
+    evict_text_encoders: Annotated[
+        bool, typer.Option("--evict-text-encoders", help="Store the prompt's embeddings and run without the text "
+                           "encoders (they load on the CPU only for another wording).")
+    ] = False,
+    objective: Annotated[
+        str | None, typer.Option("--objective", help="Pick the levers automatically: memory (the smallest fragment "
+                                 "that passes thresholds.yaml's quality gates on a few seeds). Writes recipe.json.",
+                                 show_default=False)
+    ] = None,
+    search_seeds: Annotated[int, typer.Option("--search-seeds", min=1, help="Seeds per candidate for --objective.")] = 4,
+    thresholds: o.Thresholds = None,
     score: Annotated[str, typer.Option("--score", help="energy | entropy | composite (see docs).")] = "composite",
     per_module: Annotated[bool, typer.Option("--per-module", help="Apply the retention in every module, not globally.")] = False,
     safety_margin: Annotated[float, typer.Option("--safety-margin", help="Extra fraction of heads kept.")] = 0.0,
@@ -35,14 +61,22 @@ def extract(
     model) and a versioned, hashed manifest.json.
 
     Example: frag extract reports/shapes/20260101T000000Z/profile --head-retention 0.7
+              frag extract PROFILE --quantize int8 --ffn-retention 0.8 --evict-text-encoders
+              frag extract PROFILE --objective memory
     """
     from fragcli.api import extract as run_extract
     from fragcli.console import err, print_json
 
-    options = {"head_retention": head_retention, "score": score, "per_module": per_module,
-               "safety_margin": safety_margin, "stability_threshold": stability_threshold}
+    from fragcli.extraction import lever_options
+
+    options = lever_options(head_retention=head_retention, ffn_retention=ffn_retention,
+                            low_rank_energy=low_rank_energy, quantize=quantize, cache_prompt=cache_prompt,
+                            evict_text_encoders=evict_text_encoders, default_heads=objective is None)
+    options.update(score=score, per_module=per_module, safety_margin=safety_margin,
+                   stability_threshold=stability_threshold)
     result = run_extract(profile_dir, options, out=out, overwrite=overwrite, name=name, model=model, device=device,
-                         dtype=dtype, simulate=simulate, show_progress=not json_out)
+                         dtype=dtype, simulate=simulate, show_progress=not json_out, objective=objective,
+                         search_seeds=search_seeds, thresholds=thresholds)
     if json_out:
         print_json(result.summary())
         return
@@ -50,8 +84,26 @@ def extract(
         err.print(f"simulated {len(result.plans)} technique(s) as masks")
         typer.echo(f"plan and masked images written to {result.out}")
         return
+    if result.recipe is not None:
+        _print_recipe(err, result.recipe.record)
     _print_summary(err, result.manifest)
     typer.echo(f"fragment written to {result.out}")
+
+
+def _print_recipe(console, record) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"recipe search ({record.objective}, {len(record.seeds)} seeds, {record.search_s:.0f} s)")
+    for col in ("candidate", "status", "resident MiB", "s/image", "CLIP delta", "SSIM", "pHash"):
+        table.add_column(col, justify="left" if col in ("candidate", "status") else "right")
+    for c in record.candidates:
+        q = c.quality
+        fmt = (lambda v, f: "-" if v is None else format(v, f))
+        table.add_row(("* " if c.id == record.chosen else "  ") + c.id, c.status,
+                      fmt(c.resident_bytes / 2**20 if c.resident_bytes is not None else None, ".2f"),
+                      fmt(c.seconds_per_image, ".2f"), fmt(q.clip_delta_rel if q else None, "+.2%"),
+                      fmt(q.ssim_mean if q else None, ".3f"), fmt(q.phash_mean if q else None, ".1f"))
+    console.print(table)
 
 
 def _print_summary(console, manifest) -> None:

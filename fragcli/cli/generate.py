@@ -15,6 +15,11 @@ def generate(
         str | None, typer.Option("--fragment", "-f", help="A fragment folder, or 'auto' (match model and prompt).")
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 2 instead of falling back when the fragment is refused.")] = False,
+    evict_text_encoders: Annotated[
+        bool | None, typer.Option("--evict-text-encoders/--keep-text-encoders",
+                                  help="Run without the text encoders when the fragment caches its prompt's "
+                                  "embeddings (default: as the fragment was extracted).", show_default=False)
+    ] = None,
     model: o.Model = None,
     seeds: o.Seeds = "8",
     steps: o.Steps = None,
@@ -42,7 +47,7 @@ def generate(
     result = run_generate(prompt, fragment=fragment, strict=strict, model=model, seeds=seeds, steps=steps,
                           guidance=guidance, negative_prompt=negative_prompt, width=width, height=height,
                           batch_size=batch_size, device=device, dtype=dtype, out=out, overwrite=overwrite,
-                          show_progress=not json_out, on_fallback=warn)
+                          show_progress=not json_out, on_fallback=warn, evict_text_encoders=evict_text_encoders)
     if json_out:
         print_json(result.summary())
         return

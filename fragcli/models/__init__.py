@@ -163,6 +163,29 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto") -> L
         return _load_model((spec or default_model()).strip(), device, dtype)
 
 
+def resolve_spec(spec: str) -> tuple[Path | None, str, str]:
+    """``spec`` -> (folder or single file on disk, name, source) without loading anything; folder None for a
+    built-in that is built in memory."""
+    spec = (spec or default_model()).strip()
+    if spec in BUILTINS and not BUILTINS[spec].on_disk:
+        return None, spec, f"builtin:{spec}"
+    if spec in BUILTINS:
+        return builtin_folder(spec), spec, f"builtin:{spec}"
+    if spec == "shapes":
+        if not (SHIPPED / "model_index.json").is_file():
+            raise FragError("the shapes model is not shipped in this installation", "use --model tiny")
+        return SHIPPED, "shapes", "builtin:shapes"
+    path = Path(os.path.expanduser(spec))
+    if path.exists():
+        return path.resolve(), path.resolve().name, str(path.resolve())
+    if spec.endswith((".safetensors", ".ckpt", ".bin")) or spec.startswith((".", "/", "~")):
+        raise FragError(f"model path {spec} does not exist", "check the path or use a built-in model (tiny)")
+    if _is_hf_id(spec):
+        return _hf_snapshot(spec), spec, f"hf:{spec}"
+    raise FragError(f"unknown model {spec!r}",
+                    "pass a diffusers folder, a .safetensors file, an HF id, or one of: shapes, " + ", ".join(BUILTINS))
+
+
 def _load_model(spec: str, device: str, dtype: str) -> LoadedModel:
     import torch
 
@@ -170,33 +193,15 @@ def _load_model(spec: str, device: str, dtype: str) -> LoadedModel:
 
     dev = resolve_device(device)
     dtype_name, torch_dtype = resolve_dtype(dtype, dev)
-    folder = None
     defaults: dict = {}
-    if spec in BUILTINS and not BUILTINS[spec].on_disk:
+    folder, name, source = resolve_spec(spec)
+    if folder is None:
         with torch.random.fork_rng(devices=[]):  # the builders seed torch: keep the caller's RNG state
             pipe = BUILDERS[spec]()
         model_hash = _cached_builtin_hash(spec, pipe, hash_state_dict)
-        name, source, defaults = spec, f"builtin:{spec}", dict(BUILTINS[spec].defaults)
+        defaults = dict(BUILTINS[spec].defaults)
         pipe = pipe.to(dtype=torch_dtype)
     else:
-        if spec in BUILTINS:
-            folder, name, source = builtin_folder(spec), spec, f"builtin:{spec}"
-        elif spec == "shapes":
-            if not (SHIPPED / "model_index.json").is_file():
-                raise FragError("the shapes model is not shipped in this installation", "use --model tiny")
-            folder, name, source = SHIPPED, "shapes", "builtin:shapes"
-        else:
-            path = Path(os.path.expanduser(spec))
-            if path.exists():
-                folder, name, source = path.resolve(), path.resolve().name, str(path.resolve())
-            elif spec.endswith((".safetensors", ".ckpt", ".bin")) or spec.startswith((".", "/", "~")):
-                raise FragError(f"model path {spec} does not exist", "check the path or use a built-in model (tiny)")
-            elif _is_hf_id(spec):
-                folder, name, source = _hf_snapshot(spec), spec, f"hf:{spec}"
-            else:
-                raise FragError(f"unknown model {spec!r}",
-                                "pass a diffusers folder, a .safetensors file, an HF id, or one of: shapes, "
-                                + ", ".join(BUILTINS))
         if folder.is_file():
             pipe = _from_single_file(folder, torch_dtype)
         else:
@@ -210,7 +215,48 @@ def _load_model(spec: str, device: str, dtype: str) -> LoadedModel:
     return LoadedModel(pipe, name, source, model_hash, dev, dtype_name, defaults, folder)
 
 
-def _cached_builtin_hash(spec: str, pipe, hasher) -> str:
+def component_class(folder: Path, name: str):
+    """The class of pipeline component ``name`` in a diffusers folder (from model_index.json)."""
+    import importlib
+    import json
+
+    try:
+        lib, cls = json.loads((Path(folder) / "model_index.json").read_text())[name]
+        return getattr(importlib.import_module(lib), cls)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError):
+        raise FragError(f"{folder} has no loadable component {name!r} in model_index.json",
+                        "pass a diffusers pipeline folder") from None
+
+
+def load_components(folder: Path, prefix: str, dtype: str = "fp32", device: str = "cpu") -> dict:
+    """Components of a diffusers folder whose names start with ``prefix`` (e.g. the text encoders), loaded alone."""
+    import json
+
+    import torch
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    torch_dtype = getattr(torch, DTYPES.get(dtype, "float32"))
+    out = {}
+    with _quiet_loading():
+        for name, entry in index.items():
+            if name.startswith(prefix) and isinstance(entry, list) and entry[0]:
+                cls = component_class(folder, name)
+                out[name] = cls.from_pretrained(Path(folder) / name, torch_dtype=torch_dtype, local_files_only=True,
+                                                use_safetensors=True).to(device)
+    return out
+
+
+def peek_hash(spec: str | None) -> str | None:
+    """The model hash of ``spec`` without loading it (a folder's files; a built-in's cached hash), else None."""
+    from fragcli.models.hashing import hash_model_path
+
+    folder, name, _source = resolve_spec(spec or default_model())
+    if folder is not None:
+        return hash_model_path(folder)
+    return _cached_builtin_hash(name, None, None)
+
+
+def _cached_builtin_hash(spec: str, pipe, hasher) -> str | None:
     """In-memory built-ins are deterministic: hash their weights once per (spec, torch, diffusers) and cache it."""
     import json
 
@@ -226,6 +272,8 @@ def _cached_builtin_hash(spec: str, pipe, hasher) -> str:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
+    if key not in known and pipe is None:
+        return None  # peek_hash: not hashed yet
     if key not in known:
         state = {}
         for comp in ("unet", "vae", "text_encoder"):

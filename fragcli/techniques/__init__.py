@@ -21,10 +21,18 @@ from fragcli.techniques.base import (
     TechniqueConfig,
     TechniqueSummary,
 )
+from fragcli.techniques.ffn_prune import FfnPrune
 from fragcli.techniques.head_prune import HeadPrune, HeadPruneConfig
+from fragcli.techniques.low_rank import LowRank
+from fragcli.techniques.prompt_embeds import PromptEmbeds
+from fragcli.techniques.quantize import Quantize
 
-REGISTRY = Registry()
+REGISTRY = Registry()  # registration order is stack order: prune, then factor, then quantize what is retained
 REGISTRY.register(HeadPrune())
+REGISTRY.register(FfnPrune())
+REGISTRY.register(LowRank())
+REGISTRY.register(Quantize())
+REGISTRY.register(PromptEmbeds())
 
 
 def register(technique: Technique) -> Technique:

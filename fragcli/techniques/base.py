@@ -14,7 +14,10 @@ A technique is one file in ``fragcli/techniques/`` holding a versioned config (a
 - ``mask(denoiser, config) -> Patch | None``: a logical simulation on the untouched weights, where one exists;
 - ``collectors() -> list[Collector]``: the profile signals the technique's ``plan`` reads;
 - ``summary(config, denoiser) -> TechniqueSummary``: units removed, parameters and bytes saved, read by the
-  report, H1 and the sweep plot.
+  report, H1 and the sweep plot;
+- ``capture(loaded, config, settings)`` / ``attach(pipe, config, tensors, evict=, reload=)`` (optional): for a
+  technique that acts on the pipeline rather than the denoiser (cached prompt embeddings): tensors computed from
+  the whole pipeline at extract time, saved as ``<name>.safetensors``, and the pipeline patch installed at load.
 
 A technique that changes no tensor (a step schedule) implements ``apply``/``rebuild`` as the runtime patch alone:
 a fragment may have no weight delta at all.
@@ -66,6 +69,8 @@ class Applied:
 
     technique: str
     patch: Patch | None = None
+    config: TechniqueConfig | None = None  # the config as resolved by ``apply`` from the weights (e.g. the ranks a
+    # low-rank energy target gives); the stack saves it in the manifest instead of the planned one
 
 
 @dataclass
@@ -116,6 +121,22 @@ class Technique:
         return None
 
     def collectors(self) -> list[Collector]:
+        return []
+
+    def capture(self, loaded, config: TechniqueConfig, settings) -> tuple[TechniqueConfig, dict[str, Any]] | None:
+        """Pipeline-level tensors computed at extract time from the whole, unchanged pipeline (``loaded`` is a
+        ``LoadedModel``, ``settings`` the profile's ``GenSettings``): returns the resolved config and the tensors,
+        saved in the fragment as ``<name>.safetensors``; None = nothing to capture (the default)."""
+        return None
+
+    def attach(self, pipe, config: TechniqueConfig, tensors: dict[str, Any], *, evict: bool | None = None,
+               reload: Callable[[], dict[str, Any]] | None = None) -> Patch | None:
+        """Install a pipeline-level runtime patch at load time, from the tensors ``capture`` saved (``evict``: drop
+        the components the technique makes unnecessary; ``reload()`` brings them back when a call needs them)."""
+        return None
+
+    def evicts(self, config: TechniqueConfig, evict: bool | None = None) -> list[str]:
+        """Name prefixes of pipeline components that ``attach`` will drop (a loader need not load them at all)."""
         return []
 
     def summary(self, config: TechniqueConfig, denoiser) -> TechniqueSummary:

@@ -182,6 +182,8 @@ class HeadPrune(Technique):
     def plan(self, profile, options: dict) -> Plan | None:
         from fragcli.techniques.head_selection import SelectionParams, plan, score_heads
 
+        if options.get("head_retention") is None:
+            return None  # not asked for
         opts = {**self.options, **{k: v for k, v in options.items() if k in self.options and v is not None}}
         params = SelectionParams(**opts)
         params.check()

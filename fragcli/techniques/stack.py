@@ -92,7 +92,9 @@ def check_stack(denoiser, steps: list[Step]) -> torch.nn.Module:
 
 
 def _count(module) -> tuple[int, int]:
-    params = sum(p.numel() for p in module.parameters())
+    from fragcli.memory import param_count
+
+    params = param_count(module)
     nbytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     return params, nbytes
 
@@ -104,6 +106,8 @@ def apply_stack(denoiser, steps: list[Step]) -> list[Step]:
         summary = step.technique.summary(step.config, denoiser)
         p0, b0 = _count(denoiser)
         step.applied = step.technique.apply(denoiser, step.config)
+        if step.applied.config is not None:  # resolved from the weights at apply time (rebuild reads it back)
+            step.config = step.applied.config
         p1, b1 = _count(denoiser)
         step.summary = summary.model_copy(update={"params_removed": p0 - p1, "bytes_saved": b0 - b1})
     return steps
