@@ -315,29 +315,10 @@ def select_channels(scores: dict[str, dict], retention: float, per_module: bool,
     record of the choice (``ffn_selection.json``)."""
     import numpy as np
 
-    from fragcli.techniques.head_selection import instability
+    from fragcli.techniques.head_selection import instability, lowest_units
 
     protected = {m: set(np.flatnonzero(instability(v["per_seed"]) > threshold).tolist()) for m, v in scores.items()}
-    removed: dict[str, list[int]] = {m: [] for m in scores}
-    if per_module:
-        for m, v in scores.items():
-            n_remove = min(int(math.floor(v["channels"] * (1 - retention) + 1e-9)), v["channels"] - 1)
-            order = [int(c) for c in np.argsort(v["score"], kind="stable") if int(c) not in protected[m]]
-            removed[m] = sorted(order[:n_remove])
-    else:
-        total = sum(v["channels"] for v in scores.values())
-        n_remove = int(math.floor(total * (1 - retention) + 1e-9))
-        cands = sorted((float(v["score"][c]), m, c) for m, v in scores.items() for c in range(v["channels"])
-                       if c not in protected[m])
-        left = {m: v["channels"] for m, v in scores.items()}
-        for _, m, c in cands:
-            if n_remove <= 0:
-                break
-            if left[m] > 1:
-                removed[m].append(c)
-                left[m] -= 1
-                n_remove -= 1
-        removed = {m: sorted(r) for m, r in removed.items()}
+    removed = lowest_units(scores, "channels", retention, per_module, protected)
     total = sum(v["channels"] for v in scores.values())
     n_removed = sum(len(r) for r in removed.values())
     record = {

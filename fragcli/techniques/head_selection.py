@@ -111,32 +111,38 @@ def instability(per_seed: np.ndarray) -> np.ndarray:
     return ranks.std(axis=0) / (heads - 1)
 
 
+def lowest_units(scores: dict, size: str, retention: float, per_module: bool,
+                 protected: dict[str, set[int] | list[int]]) -> dict[str, list[int]]:
+    """The units (heads, channels) to remove: lowest ``score`` first, ``protected`` ones kept, every module keeps at
+    least one. ``per_module``: ``retention`` in each module; else one global ranking. ``scores[m][size]`` = units."""
+    removed: dict[str, list[int]] = {m: [] for m in scores}
+    if per_module:
+        for m, v in scores.items():
+            n_remove = min(int(math.floor(v[size] * (1 - retention) + 1e-9)), v[size] - 1)
+            order = [int(u) for u in np.argsort(v["score"], kind="stable") if int(u) not in protected[m]]
+            removed[m] = sorted(order[:n_remove])
+        return removed
+    n_remove = int(math.floor(sum(v[size] for v in scores.values()) * (1 - retention) + 1e-9))
+    cands = sorted((float(v["score"][u]), m, u) for m, v in scores.items() for u in range(v[size])
+                   if u not in protected[m])
+    left = {m: v[size] for m, v in scores.items()}
+    for _, m, u in cands:
+        if n_remove <= 0:
+            break
+        if left[m] > 1:
+            removed[m].append(u)
+            left[m] -= 1
+            n_remove -= 1
+    return {m: sorted(r) for m, r in removed.items()}
+
+
 def plan(scores: dict, p: SelectionParams) -> dict:
     """Choose the heads to remove; every module keeps at least one head."""
     p.check()
     keep_frac = min(1.0, p.head_retention + p.safety_margin)
     unstable = {m: instability(v["per_seed"]) for m, v in scores.items()}
     protected = {m: [int(h) for h in np.flatnonzero(u > p.stability_threshold)] for m, u in unstable.items()}
-    removed: dict[str, list[int]] = {m: [] for m in scores}
-    if p.per_module:
-        for m, v in scores.items():
-            n_remove = min(int(math.floor(v["heads"] * (1 - keep_frac) + 1e-9)), v["heads"] - 1)
-            order = [int(h) for h in np.argsort(v["score"], kind="stable") if int(h) not in protected[m]]
-            removed[m] = sorted(order[:n_remove])
-    else:
-        total = sum(v["heads"] for v in scores.values())
-        n_remove = int(math.floor(total * (1 - keep_frac) + 1e-9))
-        cands = sorted((float(v["score"][h]), m, h) for m, v in scores.items() for h in range(v["heads"])
-                       if h not in protected[m])
-        left = {m: v["heads"] for m, v in scores.items()}
-        for _, m, h in cands:
-            if n_remove <= 0:
-                break
-            if left[m] > 1:
-                removed[m].append(h)
-                left[m] -= 1
-                n_remove -= 1
-        removed = {m: sorted(r) for m, r in removed.items()}
+    removed = lowest_units(scores, "heads", keep_frac, p.per_module, protected)
     total = sum(v["heads"] for v in scores.values())
     n_removed = sum(len(r) for r in removed.values())
     selection = {
