@@ -375,6 +375,7 @@ def search_recipe(profile, loaded, objective: str = "memory", *, seeds: list[int
         raise FragError(f"recipe search seeds {seeds} are empty or repeat a seed", "pass distinct seeds")
     th = thresholds if isinstance(thresholds, Thresholds) else load_thresholds(thresholds)
     todo = check_candidates(candidates if candidates is not None else default_candidates(objective))
+    _refuse_if_none_plans(profile, todo)
     base = loaded.denoiser
     if base.__dict__.get("_frag_patches"):
         raise FragError(f"the base denoiser carries runtime patches ({', '.join(base.__dict__['_frag_patches'])})",
@@ -414,6 +415,23 @@ def search_recipe(profile, loaded, objective: str = "memory", *, seeds: list[int
         thresholds=th.flat(), unmeasured=unmeasured, allow_unmeasured=allow_unmeasured, pareto_metric=metric,
         full=full_info, candidates=rows, chosen=best.id if best else None, search_s=time.perf_counter() - t0)
     return RecipeResult(record)
+
+
+def _refuse_if_none_plans(profile, todo: list[dict[str, Any]]) -> None:
+    """Plan every candidate before generating anything: when none can plan (e.g. a lever fixed by hand at a value no
+    technique accepts), the first refusal is the error, not the result of a whole search."""
+    from fragcli.extraction import plan_techniques
+
+    first = None
+    for options in todo:
+        try:
+            plan_techniques(profile, options)
+        except FragError as exc:
+            first = first or exc
+        else:
+            return
+    if first is not None:
+        raise first
 
 
 def _try(options, rows, done, prune, profile, loaded, base, s, seeds, full, metrics, th, adv) -> RecipeCandidate:

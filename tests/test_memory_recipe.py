@@ -53,3 +53,15 @@ def test_objective_refuses_simulate_and_unknown_objectives(shapes_profile, tmp_p
     assert_one_line_error(run_cli("extract", shapes_profile, "--objective", "memory", "--simulate",
                                   "--out", tmp_path / "b"), "simulate")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_lever_no_candidate_can_plan_is_refused_before_any_image(shapes_profile, tmp_path, monkeypatch):
+    import fragcli.generation as generation
+
+    def no_images(*a, **k):
+        raise AssertionError("the search generated an image before refusing")
+
+    monkeypatch.setattr(generation, "generate", no_images)
+    r = run_cli("extract", shapes_profile, "--objective", "memory", "--head-retention", "2", "--out", tmp_path / "c")
+    assert_one_line_error(r, "--head-retention 2.0")
+    assert not (tmp_path / "c").exists()
