@@ -12,8 +12,9 @@ stack evicts, ``Technique.evicts``: ``text_encoder*``), denoiser bytes and secon
 
 *Passed* = the aggregate passes every quality gate of thresholds.yaml; a non-optional gate that cannot be measured
 (CLIP without a judge) is refused up front unless ``allow_unmeasured``. Among passing candidates ``memory`` picks
-the smallest resident bytes (ties: faster), ``speed`` the fewest seconds per image (ties: smaller), ``balanced``
-the smallest bytes x seconds; none passing -> ``chosen`` None (``RecipeResult.refusal()`` is the error to raise).
+the smallest resident bytes (those within ``SIZE_TOLERANCE``, 2%, count as as small: the least aggressive of them
+wins, see ``choose``), ``speed`` the fewest seconds per image (ties: smaller), ``balanced`` the smallest bytes x
+seconds; none passing -> ``chosen`` None (``RecipeResult.refusal()`` is the error to raise).
 Pareto fronts (resident bytes vs quality loss, time vs quality loss) are marked.
 
 Early stop (``prune``): a candidate at least as aggressive as one that already *failed* in every lever (the other
@@ -52,6 +53,7 @@ PLOT_FILE = "recipe.png"
 Objective = Literal["memory", "speed", "balanced"]
 OBJECTIVES: tuple[str, ...] = ("memory", "speed", "balanced")
 DEFAULT_SEARCH_SEEDS = 4
+SIZE_TOLERANCE = 0.02  # memory: candidates within 2% of the smallest passing one count as as small
 
 #: Lever -> aggressiveness of a value (higher = removes more; None = lever off = 0); booleans must be equal.
 _RETENTION = ("head_retention", "ffn_retention", "low_rank_energy")
@@ -134,6 +136,9 @@ class RecipeRecord(Record):
     full: RecipeFull
     candidates: list[RecipeCandidate] = Field(description="in the order tried")
     chosen: str | None = Field(description="id of the chosen candidate; null: none passed")
+    size_tolerance: float = Field(SIZE_TOLERANCE, description="memory: passing candidates within this fraction of "
+                                                              "the smallest resident bytes count as as small; the "
+                                                              "least aggressive of them is chosen")
     search_s: float = Field(description="wall seconds of the whole search (a cost of extraction, H5)")
     plot: str | None = Field(None, description="the plot beside recipe.json (recipe.png); null: nothing to plot")
 
@@ -324,18 +329,28 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(c2 <= c and q2 <= q and (c2 < c or q2 < q) for c2, q2 in points) for c, q in points]
 
 
-def choose(candidates: list[RecipeCandidate], objective: str) -> RecipeCandidate | None:
-    """The objective's best passing candidate. Ties on memory (int8 and fp8 store the same bytes) go to the better
-    SSIM, then to time: a few seeds' timing is too noisy to decide between equal-sized candidates."""
+def choose(candidates: list[RecipeCandidate], objective: str, size_tolerance: float = SIZE_TOLERANCE
+           ) -> RecipeCandidate | None:
+    """The objective's best passing candidate.
+
+    memory: every passing candidate within ``size_tolerance`` of the smallest resident bytes counts as as small; of
+    those, the least aggressive (fewest levers removing least: ``_rank``, int8 before fp8) wins, then the better
+    SSIM, then time. A few seeds' timing is too noisy to decide between equal-sized candidates, and bytes differing
+    by a fraction of a percent are not worth the quality or time a stronger lever costs (int8 and fp8 store the same
+    bytes; fp8's upcast costs more on CPU)."""
     ok = [c for c in candidates if c.status == "passed" and c.resident_bytes is not None
           and c.seconds_per_image is not None]
     if not ok:
         return None
+
     def ssim_loss(c):
         return -(c.quality.ssim_mean if c.quality is not None and c.quality.ssim_mean is not None else -1.0)
 
-    keys = {"memory": lambda c: (c.resident_bytes, ssim_loss(c), c.seconds_per_image),
-            "speed": lambda c: (c.seconds_per_image, c.resident_bytes),
+    if objective == "memory":
+        limit = min(c.resident_bytes for c in ok) * (1 + size_tolerance)
+        near = [c for c in ok if c.resident_bytes <= limit]
+        return min(near, key=lambda c: (_rank(c.options), ssim_loss(c), c.seconds_per_image))
+    keys = {"speed": lambda c: (c.seconds_per_image, c.resident_bytes),
             "balanced": lambda c: (c.resident_bytes * c.seconds_per_image, c.resident_bytes)}
     return min(ok, key=keys[objective])
 
@@ -408,12 +423,13 @@ def search_recipe(profile, loaded, objective: str = "memory", *, seeds: list[int
                 row.resident_ratio = row.resident_bytes / full_info.resident_bytes
             rows.append(row)
     mark_pareto(rows, metric)
-    best = choose(rows, objective)
+    best = choose(rows, objective, SIZE_TOLERANCE)
     record = RecipeRecord(
         frag_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), objective=objective,
         model=ModelId(name=loaded.name, hash=loaded.hash), settings=Settings(**s.as_dict()), seeds=seeds,
         thresholds=th.flat(), unmeasured=unmeasured, allow_unmeasured=allow_unmeasured, pareto_metric=metric,
-        full=full_info, candidates=rows, chosen=best.id if best else None, search_s=time.perf_counter() - t0)
+        full=full_info, candidates=rows, chosen=best.id if best else None,
+        size_tolerance=SIZE_TOLERANCE, search_s=time.perf_counter() - t0)
     return RecipeResult(record)
 
 

@@ -34,7 +34,7 @@ def test_objective_memory_builds_the_smallest_passing_recipe(shapes_profile, tmp
     chosen = next(c for c in rec.candidates if c.id == rec.chosen)
     assert summary["recipe"]["chosen"] == rec.chosen and chosen.status == "passed"
     passing = [c for c in rec.candidates if c.status == "passed"]
-    assert chosen.resident_bytes == min(c.resident_bytes for c in passing)
+    assert chosen.resident_bytes <= min(c.resident_bytes for c in passing) * (1 + rec.size_tolerance)
     names = [t.name for t in m.techniques]
     assert "quantize" in names and "prompt_embeds" in names
 

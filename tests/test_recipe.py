@@ -233,6 +233,19 @@ def test_each_objective_chooses_its_best_passing_candidate():
     assert choose([_cand("a", "passed", 40, 2.0, 1), _cand("b", "passed", 40, 1.0, 1)], "memory").id == "b"
 
 
+def test_memory_takes_the_least_aggressive_of_the_candidates_within_the_size_tolerance():
+    def cand(cid, mib, **options):
+        c = _cand(cid, "passed", mib, 1.0, 0.9)
+        c.options = {"quantize": "int8", "ffn_retention": None, **options}
+        return c
+
+    mild, strong = cand("int8-f80", 1010, ffn_retention=0.8), cand("int8-f60", 1000, ffn_retention=0.6)
+    fp8 = cand("fp8-f80", 1010, ffn_retention=0.8, quantize="fp8")
+    assert choose([strong, fp8, mild], "memory").id == "int8-f80"  # 1% larger, less removed, int8 before fp8
+    assert choose([strong, mild], "memory", size_tolerance=0.0).id == "int8-f60"
+    assert choose([strong, cand("int8", 1100)], "memory").id == "int8-f60"  # 10% larger: not as small
+
+
 def test_pareto_front():
     assert pareto_front([(1, 3), (2, 2), (3, 1), (3, 3), (2, 2.5)]) == [True, True, True, False, False]
     assert pareto_front([(1, 1), (1, 1)]) == [True, True]
