@@ -380,8 +380,8 @@ def run_bench(fragment_dir: Path, variants: int = 32, batch_size: int = 1, repea
     from fragcli import __version__
     from fragcli.console import progress
     from fragcli.fragment import verify_fragment
-    from fragcli.loading import open_fragment
     from fragcli.generation import resolve_settings
+    from fragcli.loading import open_fragment
     from fragcli.memory_probe import set_decode
     from fragcli.models import load_model
     from fragcli.profiling.run import versions

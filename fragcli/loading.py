@@ -34,7 +34,6 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def _stream_denoiser(folder: Path, prefix: str, steps, delta: dict, manifest, torch_dtype):
     """The fragment's denoiser: structure on meta, rebuilt by the stack, tensors from the delta and the base."""
-    import torch
     from accelerate import init_empty_weights
     from safetensors import safe_open
 
@@ -80,8 +79,15 @@ def open_fragment(folder: str | Path, *, model: str | None = None, device: str =
     ``model`` is the base model (default: the fragment's own); ``evict_text_encoders`` None = the fragment's
     default. Nothing is unpickled: every tensor comes from safetensors.
     """
-    from fragcli.fragment import attach_steps, read_extras, reloader, verify_fragment, _read_delta
-    from fragcli.models import LoadedModel, _quiet_loading, load_model, resolve_device, resolve_dtype, resolve_spec
+    from fragcli.fragment import _read_delta, attach_steps, read_extras, reloader, verify_fragment
+    from fragcli.models import (
+        LoadedModel,
+        _quiet_loading,
+        load_model,
+        resolve_device,
+        resolve_dtype,
+        resolve_spec,
+    )
     from fragcli.models.builtin import read_frag_json
     from fragcli.models.hashing import hash_model_path
     from fragcli.techniques.stack import steps_from_entries

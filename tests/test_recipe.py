@@ -30,9 +30,8 @@ from fragcli.recipe import (
     write_recipe,
 )
 from fragcli.records import Aggregate
-from fragcli.techniques import REGISTRY
 from fragcli.thresholds import Thresholds
-from tests.toy_technique import Int8Scale, ZeroChannel
+from tests.toy_technique import Int8Scale, ZeroChannel, registered
 
 PROMPT = "a red circle on a blue background"
 LIN = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"
@@ -53,12 +52,8 @@ CANDIDATES = [
 
 @pytest.fixture(scope="module")
 def toys():
-    techniques = [ZeroChannel(), Int8Scale()]
-    for t in techniques:
-        REGISTRY.register(t)
-    yield techniques
-    for t in techniques:
-        REGISTRY.unregister(t.name)
+    with registered(ZeroChannel(), Int8Scale()) as techniques:
+        yield techniques
 
 
 @pytest.fixture(scope="module")

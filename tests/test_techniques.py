@@ -19,7 +19,7 @@ from fragcli.patches import installed
 from fragcli.techniques import REGISTRY
 from fragcli.techniques.stack import mask_stack, meta_copy, snapshot, state_diff, steps_from_entries
 from tests.helpers import run_cli, unet_inputs
-from tests.toy_technique import CountCalls, Int8Scale, ZeroChannel
+from tests.toy_technique import CountCalls, Int8Scale, ZeroChannel, registered
 
 PROMPT = "a red circle on a blue background"
 FF = "down_blocks.0.attentions.0.transformer_blocks.0.ff"
@@ -27,12 +27,8 @@ FF = "down_blocks.0.attentions.0.transformer_blocks.0.ff"
 
 @pytest.fixture(scope="module")
 def toys():
-    techniques = [ZeroChannel(), CountCalls(), Int8Scale()]
-    for t in techniques:
-        REGISTRY.register(t)
-    yield techniques
-    for t in techniques:
-        REGISTRY.unregister(t.name)
+    with registered(ZeroChannel(), CountCalls(), Int8Scale()) as techniques:
+        yield techniques
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ Also a runtime-only toy: ``count_calls`` changes no tensor and installs a named,
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fragcli.errors import FragError
@@ -175,3 +177,17 @@ class CountCalls(Technique):
 
     def summary(self, config, denoiser):
         return TechniqueSummary(details={"every": config.every})
+
+
+@contextlib.contextmanager
+def registered(*techniques: Technique):
+    """Register the toys for the block's duration (tests' module fixtures), unregistered whatever happens."""
+    from fragcli.techniques import REGISTRY
+
+    for t in techniques:
+        REGISTRY.register(t)
+    try:
+        yield list(techniques)
+    finally:
+        for t in techniques:
+            REGISTRY.unregister(t.name)

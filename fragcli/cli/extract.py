@@ -66,7 +66,6 @@ def extract(
     """
     from fragcli.api import extract as run_extract
     from fragcli.console import err, print_json
-
     from fragcli.extraction import lever_options
 
     options = lever_options(head_retention=head_retention, ffn_retention=ffn_retention,
@@ -90,6 +89,10 @@ def extract(
     typer.echo(f"fragment written to {result.out}")
 
 
+def _fmt(v, f: str) -> str:
+    return "-" if v is None else format(v, f)
+
+
 def _print_recipe(console, record) -> None:
     from rich.table import Table
 
@@ -98,11 +101,10 @@ def _print_recipe(console, record) -> None:
         table.add_column(col, justify="left" if col in ("candidate", "status") else "right")
     for c in record.candidates:
         q = c.quality
-        fmt = (lambda v, f: "-" if v is None else format(v, f))
         table.add_row(("* " if c.id == record.chosen else "  ") + c.id, c.status,
-                      fmt(c.resident_bytes / 2**20 if c.resident_bytes is not None else None, ".2f"),
-                      fmt(c.seconds_per_image, ".2f"), fmt(q.clip_delta_rel if q else None, "+.2%"),
-                      fmt(q.ssim_mean if q else None, ".3f"), fmt(q.phash_mean if q else None, ".1f"))
+                      _fmt(c.resident_bytes / 2**20 if c.resident_bytes is not None else None, ".2f"),
+                      _fmt(c.seconds_per_image, ".2f"), _fmt(q.clip_delta_rel if q else None, "+.2%"),
+                      _fmt(q.ssim_mean if q else None, ".3f"), _fmt(q.phash_mean if q else None, ".1f"))
     console.print(table)
 
 
