@@ -24,9 +24,9 @@ technique planned nothing).
 Default grids (``GRIDS``, ``default_candidates``), cheap to aggressive. memory: ``quantize`` int8, fp8 x
 ``ffn_retention`` None, 0.8, 0.6 x ``low_rank_energy`` None, 0.93, all with ``evict_text_encoders`` and
 ``cache_prompt`` (exact: no quality cost); 12 candidates, int8 first (fp8 stores the same bytes and counts as more
-aggressive, so it runs only where int8 passed with the same other levers). speed and balanced are provisional
-(issue 11): speed varies head/FFN retention and low rank without quantization (dequantizing costs time on CPU);
-balanced adds int8. ``write_recipe`` writes ``recipe.json`` (``RecipeRecord``) and ``recipe.png``
+aggressive, so it runs only where int8 passed with the same other levers). speed: ``step_cache``
+0.02, 0.05, 0.1 x ``ffn_retention`` None, 0.8, without quantization (dequantizing costs time on CPU); balanced
+(provisional) varies int8, FFN retention and low rank. ``write_recipe`` writes ``recipe.json`` (``RecipeRecord``) and ``recipe.png``
 (``fragcli.report.recipe_plot``) into a folder the caller has staged (the fragment folder being built).
 """
 
@@ -57,18 +57,19 @@ SIZE_TOLERANCE = 0.02  # memory: candidates within 2% of the smallest passing on
 
 #: Lever -> aggressiveness of a value (higher = removes more; None = lever off = 0); booleans must be equal.
 _RETENTION = ("head_retention", "ffn_retention", "low_rank_energy")
+_THRESHOLD = ("step_cache",)  # higher = reuses more (more aggressive); None = off
 _QUANT_RANK = {None: 0, "none": 0, "int8": 1, "fp8": 2}  # fp8 (e4m3, 3 mantissa bits) errs more than int8/channel
 _EXACT = ("evict_text_encoders", "cache_prompt")  # no quality cost: never a reason to skip
-LEVERS = (*_RETENTION, "quantize", *_EXACT)  # the extract options a recipe chooses
+LEVERS = (*_RETENTION, *_THRESHOLD, "quantize", *_EXACT)  # the extract options a recipe chooses
 
 #: Default grids: lever -> values, cheap to aggressive; ``fixed`` levers are the same in every candidate.
 GRIDS: dict[str, dict[str, Any]] = {
     "memory": {"vary": {"quantize": ("int8", "fp8"), "ffn_retention": (None, 0.8, 0.6),
                         "low_rank_energy": (None, 0.93)},
                "fixed": {"head_retention": None, "evict_text_encoders": True, "cache_prompt": True}},
-    "speed": {"vary": {"head_retention": (None, 0.7), "ffn_retention": (None, 0.8, 0.6),
-                       "low_rank_energy": (None, 0.93)},
-              "fixed": {"quantize": None, "evict_text_encoders": True, "cache_prompt": True}},
+    "speed": {"vary": {"step_cache": (0.02, 0.05, 0.1), "ffn_retention": (None, 0.8)},
+              "fixed": {"quantize": None, "head_retention": None, "low_rank_energy": None,
+                        "evict_text_encoders": True, "cache_prompt": True}},
     "balanced": {"vary": {"quantize": (None, "int8"), "ffn_retention": (None, 0.8, 0.6),
                           "low_rank_energy": (None, 0.93)},
                  "fixed": {"head_retention": None, "evict_text_encoders": True, "cache_prompt": True}},
@@ -185,12 +186,14 @@ def candidate_id(options: dict[str, Any]) -> str:
         v = options.get(key)
         if v is not None:
             parts.append(f"{letter}{v * 100:g}")
+    if options.get("step_cache") is not None:
+        parts.append(f"sc{options['step_cache'] * 100:g}")
     if options.get("evict_text_encoders"):
         parts.append("evict")
     elif options.get("cache_prompt"):
         parts.append("cache")
     defaults = extract_options()  # other options show only where they differ from their technique's default
-    extra = sorted(k for k, v in options.items() if k not in (*_RETENTION, "quantize", *_EXACT) and v is not None
+    extra = sorted(k for k, v in options.items() if k not in (*_RETENTION, *_THRESHOLD, "quantize", *_EXACT) and v is not None
                    and (k not in defaults or v != defaults[k]))
     parts += [f"{k}={options[k]}" for k in extra]
     return "-".join(parts) or "full"
@@ -199,6 +202,7 @@ def candidate_id(options: dict[str, Any]) -> str:
 def _rank(options: dict[str, Any]) -> tuple:
     """Sort key, cheap to aggressive: quantization format first, then how much the retention levers remove."""
     removed = [0 if options.get(k) is None else round((1 - float(options[k])) * 100) for k in _RETENTION]
+    removed += [0 if options.get(k) is None else round(float(options[k]) * 100) for k in _THRESHOLD]
     return (_QUANT_RANK.get(options.get("quantize"), 1), sum(removed), *removed)
 
 
@@ -236,6 +240,10 @@ def more_aggressive(b: dict[str, Any], a: dict[str, Any]) -> bool:
             ra, rb = _removed(va), _removed(vb)
             if ra is None or rb is None or rb < ra:
                 return False
+        elif key in _THRESHOLD:
+            ra, rb = _threshold(va), _threshold(vb)
+            if ra is None or rb is None or rb < ra:
+                return False
         elif key == "quantize":
             ra, rb = _QUANT_RANK.get(va), _QUANT_RANK.get(vb)
             if ra is None or rb is None or rb < ra:
@@ -245,6 +253,16 @@ def more_aggressive(b: dict[str, Any], a: dict[str, Any]) -> bool:
         elif va != vb:
             return False
     return True
+
+
+def _threshold(value) -> float | None:
+    """How much a threshold lever reuses (0 when off); None for a value that is not a number."""
+    if value is None:
+        return 0.0
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _removed(value) -> float | None:

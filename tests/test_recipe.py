@@ -207,6 +207,8 @@ def test_more_aggressive():
     assert more_aggressive({**a, "quantize": "fp8"}, a)
     assert more_aggressive({**a, "low_rank_energy": 0.93, "evict_text_encoders": True}, a)
     assert not more_aggressive(a, a)
+    assert more_aggressive({**a, "step_cache": 0.1}, {**a, "step_cache": 0.05})  # a higher drift reuses more
+    assert more_aggressive({**a, "step_cache": 0.02}, a) and not more_aggressive(a, {**a, "step_cache": 0.02})
     assert not more_aggressive({**a, "ffn_retention": 0.9, "low_rank_energy": 0.93}, a)  # milder in one lever
     assert not more_aggressive({**a, "ffn_retention": 0.6, "score": "entropy"}, a)  # another option differs
 

@@ -32,9 +32,18 @@ def extract(
         bool, typer.Option("--evict-text-encoders", help="Store the prompt's embeddings and run without the text "
                            "encoders (they load on the CPU only for another wording).")
     ] = False,
+    step_cache: Annotated[
+        float | None, typer.Option("--step-cache", help="Reuse the deep UNet branch on steps where the profile shows "
+                                   "its output drifts less than this since the last computed step (e.g. 0.02).",
+                                   show_default=False)
+    ] = None,
+    step_cache_max_reuse: Annotated[
+        int, typer.Option("--step-cache-max-reuse", help="Most consecutive steps served from the step cache.")
+    ] = 4,
     objective: Annotated[
         str | None, typer.Option("--objective", help="Pick the levers automatically: memory (the smallest fragment "
-                                 "that passes thresholds.yaml's quality gates on a few seeds). Writes recipe.json.",
+                                 "that passes thresholds.yaml's quality gates on a few seeds) or speed (the fastest "
+                                 "one). Writes recipe.json.",
                                  show_default=False)
     ] = None,
     search_seeds: Annotated[int, typer.Option("--search-seeds", min=1, help="Seeds per candidate for --objective.")] = 4,
@@ -63,6 +72,7 @@ def extract(
     Example: frag extract reports/shapes/20260101T000000Z/profile --head-retention 0.7
               frag extract PROFILE --quantize int8 --ffn-retention 0.8 --evict-text-encoders
               frag extract PROFILE --objective memory
+              frag extract PROFILE --step-cache 0.02
     """
     from fragcli.api import extract as run_extract
     from fragcli.console import err, print_json
@@ -70,8 +80,9 @@ def extract(
 
     options = lever_options(head_retention=head_retention, ffn_retention=ffn_retention,
                             low_rank_energy=low_rank_energy, quantize=quantize, cache_prompt=cache_prompt,
-                            evict_text_encoders=evict_text_encoders, default_heads=objective is None)
-    options.update(score=score, per_module=per_module, safety_margin=safety_margin,
+                            evict_text_encoders=evict_text_encoders, step_cache=step_cache,
+                            default_heads=objective is None)
+    options.update(step_cache_max_reuse=step_cache_max_reuse, score=score, per_module=per_module, safety_margin=safety_margin,
                    stability_threshold=stability_threshold)
     result = run_extract(profile_dir, options, out=out, overwrite=overwrite, name=name, model=model, device=device,
                          dtype=dtype, simulate=simulate, show_progress=not json_out, objective=objective,

@@ -26,6 +26,7 @@ from fragcli.techniques.head_prune import HeadPrune, HeadPruneConfig
 from fragcli.techniques.low_rank import LowRank
 from fragcli.techniques.prompt_embeds import PromptEmbeds
 from fragcli.techniques.quantize import Quantize
+from fragcli.techniques.step_cache import StepCache
 
 REGISTRY = Registry()  # registration order is stack order: prune, then factor, then quantize what is retained
 REGISTRY.register(HeadPrune())
@@ -33,6 +34,7 @@ REGISTRY.register(FfnPrune())
 REGISTRY.register(LowRank())
 REGISTRY.register(Quantize())
 REGISTRY.register(PromptEmbeds())
+REGISTRY.register(StepCache())
 
 
 def register(technique: Technique) -> Technique:
