@@ -141,6 +141,8 @@ def test_extract_plans_from_the_profile_and_the_fragment_loads_with_no_delta(tmp
     cached = _images(model.pipe, steps=6)
     assert cached.shape == plain.shape and not np.array_equal(cached, plain)
     assert_one_line_error(run_cli("extract", prof, "--step-cache", "1.5", "--out", tmp_path / "g"), "--step-cache")
+    assert_one_line_error(run_cli("extract", prof, "--step-cache", "0.1", "--step-cache-max-reuse", "0",
+                                  "--out", tmp_path / "g"), "--step-cache-max-reuse 0")
     assert not (tmp_path / "g").exists()
 
 

@@ -206,8 +206,9 @@ class StepCache(Technique):
         if options.get("step_cache") is None:
             return None
         threshold = check_threshold(options["step_cache"])
-        max_reuse = options.get("step_cache_max_reuse") or DEFAULT_MAX_REUSE
-        if not isinstance(max_reuse, int) or max_reuse < 1:
+        max_reuse = options.get("step_cache_max_reuse")
+        max_reuse = DEFAULT_MAX_REUSE if max_reuse is None else max_reuse
+        if isinstance(max_reuse, bool) or not isinstance(max_reuse, int) or max_reuse < 1:
             raise FragError(f"--step-cache-max-reuse {max_reuse} is not a whole number >= 1", "pass e.g. 3")
         names = sorted({b for b in profile.table("blocks", ("block",)).column("block").to_pylist()
                         if b.count(".") == 1 and b.startswith(("down_blocks.", "up_blocks."))},
