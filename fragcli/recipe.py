@@ -54,6 +54,7 @@ Objective = Literal["memory", "speed", "balanced"]
 OBJECTIVES: tuple[str, ...] = ("memory", "speed", "balanced")
 DEFAULT_SEARCH_SEEDS = 4
 SIZE_TOLERANCE = 0.02  # memory: candidates within 2% of the smallest passing one count as as small
+SPEED_TOLERANCE = 0.05  # speed: within 5% of the fastest (a few seeds' timing is noisier than that) count as as fast
 
 #: Lever -> aggressiveness of a value (higher = removes more; None = lever off = 0); booleans must be equal.
 _RETENTION = ("head_retention", "ffn_retention", "low_rank_energy")
@@ -137,6 +138,9 @@ class RecipeRecord(Record):
     full: RecipeFull
     candidates: list[RecipeCandidate] = Field(description="in the order tried")
     chosen: str | None = Field(description="id of the chosen candidate; null: none passed")
+    speed_tolerance: float = Field(SPEED_TOLERANCE, description="speed: passing candidates within this fraction "
+                                                                "of the fastest count as as fast; the least "
+                                                                "aggressive of them is chosen")
     size_tolerance: float = Field(SIZE_TOLERANCE, description="memory: passing candidates within this fraction of "
                                                               "the smallest resident bytes count as as small; the "
                                                               "least aggressive of them is chosen")
@@ -355,7 +359,7 @@ def choose(candidates: list[RecipeCandidate], objective: str, size_tolerance: fl
     those, the least aggressive (fewest levers removing least: ``_rank``, int8 before fp8) wins, then the better
     SSIM, then time. A few seeds' timing is too noisy to decide between equal-sized candidates, and bytes differing
     by a fraction of a percent are not worth the quality or time a stronger lever costs (int8 and fp8 store the same
-    bytes; fp8's upcast costs more on CPU)."""
+    bytes; fp8's upcast costs more on CPU). speed: the same rule on seconds per image, within ``SPEED_TOLERANCE``."""
     ok = [c for c in candidates if c.status == "passed" and c.resident_bytes is not None
           and c.seconds_per_image is not None]
     if not ok:
@@ -368,8 +372,11 @@ def choose(candidates: list[RecipeCandidate], objective: str, size_tolerance: fl
         limit = min(c.resident_bytes for c in ok) * (1 + size_tolerance)
         near = [c for c in ok if c.resident_bytes <= limit]
         return min(near, key=lambda c: (_rank(c.options), ssim_loss(c), c.seconds_per_image))
-    keys = {"speed": lambda c: (c.seconds_per_image, c.resident_bytes),
-            "balanced": lambda c: (c.resident_bytes * c.seconds_per_image, c.resident_bytes)}
+    if objective == "speed":
+        limit = min(c.seconds_per_image for c in ok) * (1 + SPEED_TOLERANCE)
+        near = [c for c in ok if c.seconds_per_image <= limit]
+        return min(near, key=lambda c: (_rank(c.options), ssim_loss(c), c.seconds_per_image))
+    keys = {"balanced": lambda c: (c.resident_bytes * c.seconds_per_image, c.resident_bytes)}
     return min(ok, key=keys[objective])
 
 
@@ -447,7 +454,7 @@ def search_recipe(profile, loaded, objective: str = "memory", *, seeds: list[int
         model=ModelId(name=loaded.name, hash=loaded.hash), settings=Settings(**s.as_dict()), seeds=seeds,
         thresholds=th.flat(), unmeasured=unmeasured, allow_unmeasured=allow_unmeasured, pareto_metric=metric,
         full=full_info, candidates=rows, chosen=best.id if best else None,
-        size_tolerance=SIZE_TOLERANCE, search_s=time.perf_counter() - t0)
+        size_tolerance=SIZE_TOLERANCE, speed_tolerance=SPEED_TOLERANCE, search_s=time.perf_counter() - t0)
     return RecipeResult(record)
 
 

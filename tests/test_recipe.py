@@ -243,6 +243,16 @@ def test_memory_takes_the_least_aggressive_of_the_candidates_within_the_size_tol
     assert choose([strong, cand("int8", 1100)], "memory").id == "int8-f60"  # 10% larger: not as small
 
 
+def test_speed_takes_the_least_aggressive_of_the_candidates_within_timing_noise():
+    def cand(cid, sec, sc):
+        c = _cand(cid, "passed", 100, sec, 0.9)
+        c.options = {"step_cache": sc}
+        return c
+
+    assert choose([cand("sc10", 1.00, 0.1), cand("sc5", 1.03, 0.05)], "speed").id == "sc5"  # within 5%
+    assert choose([cand("sc10", 1.00, 0.1), cand("sc5", 1.20, 0.05)], "speed").id == "sc10"  # clearly faster
+
+
 def test_pareto_front():
     assert pareto_front([(1, 3), (2, 2), (3, 1), (3, 3), (2, 2.5)]) == [True, True, True, False, False]
     assert pareto_front([(1, 1), (1, 1)]) == [True, True]
