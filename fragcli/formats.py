@@ -242,11 +242,13 @@ def render() -> str:
              table(BLOCK_TABLE, list(BLOCK_TYPES.items()), BLOCK_DOCS, "One row per (block, seed, step).")]
     for technique in REGISTRY:
         for c in technique.collectors():
-            parts.append(table(c.table, list(c.columns), {},
+            parts.append(table(c.table, list(c.columns), c.docs,
                                f"Declared by the technique `{technique.name}` (collector `{c.name}`)."))
     parts += [r.model(ProfileContext, _file("context.json", ProfileContext)), FRAGMENT,
               r.model(HeadSelection, _file("selection.json", HeadSelection)),
               r.model(Manifest, _file("manifest.json", Manifest))]
+    parts += [r.model(cls, _file(f, cls) + f", written by the technique `{t.name}`")
+              for t in REGISTRY for f, cls in t.records.items()]
     configs = "\n".join(r.model(t.Config, f"`{t.name}` config (version {t.version}): `{t.Config.__name__}`", 4)
                         for t in REGISTRY)
     parts += ["### Technique configs (`techniques[].config`)\n\nOne per registered technique, in registration "

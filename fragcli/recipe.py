@@ -25,7 +25,8 @@ Default grids (``GRIDS``, ``default_candidates``), cheap to aggressive. memory: 
 ``ffn_retention`` None, 0.8, 0.6 x ``low_rank_energy`` None, 0.93, all with ``evict_text_encoders`` and
 ``cache_prompt`` (exact: no quality cost); 12 candidates, int8 first (fp8 stores the same bytes and counts as more
 aggressive, so it runs only where int8 passed with the same other levers). speed: ``step_cache``
-0.02, 0.05, 0.1 x ``ffn_retention`` None, 0.8, without quantization (dequantizing costs time on CPU); balanced
+0.05, 0.1, 0.2 x ``guidance_cut`` None, 0.1, without quantization (dequantizing costs time on CPU) or pruning (on
+the shapes model neither FFN nor head pruning bought measurable time); balanced
 (provisional) varies int8, FFN retention and low rank. ``write_recipe`` writes ``recipe.json`` (``RecipeRecord``) and ``recipe.png``
 (``fragcli.report.recipe_plot``) into a folder the caller has staged (the fragment folder being built).
 """
@@ -58,7 +59,7 @@ SPEED_TOLERANCE = 0.05  # speed: within 5% of the fastest (a few seeds' timing i
 
 #: Lever -> aggressiveness of a value (higher = removes more; None = lever off = 0); booleans must be equal.
 _RETENTION = ("head_retention", "ffn_retention", "low_rank_energy")
-_THRESHOLD = ("step_cache",)  # higher = reuses more (more aggressive); None = off
+_THRESHOLD = ("step_cache", "guidance_cut")  # higher = reuses more (more aggressive); None = off
 _QUANT_RANK = {None: 0, "none": 0, "int8": 1, "fp8": 2}  # fp8 (e4m3, 3 mantissa bits) errs more than int8/channel
 _EXACT = ("evict_text_encoders", "cache_prompt")  # no quality cost: never a reason to skip
 LEVERS = (*_RETENTION, *_THRESHOLD, "quantize", *_EXACT)  # the extract options a recipe chooses
@@ -68,7 +69,7 @@ GRIDS: dict[str, dict[str, Any]] = {
     "memory": {"vary": {"quantize": ("int8", "fp8"), "ffn_retention": (None, 0.8, 0.6),
                         "low_rank_energy": (None, 0.93)},
                "fixed": {"head_retention": None, "evict_text_encoders": True, "cache_prompt": True}},
-    "speed": {"vary": {"step_cache": (0.02, 0.05, 0.1), "ffn_retention": (None, 0.8)},
+    "speed": {"vary": {"step_cache": (0.05, 0.1, 0.2), "guidance_cut": (None, 0.1)},
               "fixed": {"quantize": None, "head_retention": None, "low_rank_energy": None,
                         "evict_text_encoders": True, "cache_prompt": True}},
     "balanced": {"vary": {"quantize": (None, "int8"), "ffn_retention": (None, 0.8, 0.6),
@@ -192,6 +193,8 @@ def candidate_id(options: dict[str, Any]) -> str:
             parts.append(f"{letter}{v * 100:g}")
     if options.get("step_cache") is not None:
         parts.append(f"sc{options['step_cache'] * 100:g}")
+    if options.get("guidance_cut") is not None:
+        parts.append(f"gc{options['guidance_cut'] * 100:g}")
     if options.get("evict_text_encoders"):
         parts.append("evict")
     elif options.get("cache_prompt"):

@@ -40,6 +40,11 @@ def extract(
     step_cache_max_reuse: Annotated[
         int, typer.Option("--step-cache-max-reuse", help="Most consecutive steps served from the step cache.")
     ] = 4,
+    guidance_cut: Annotated[
+        float | None, typer.Option("--guidance-cut", help="Drop the unconditional (guidance) branch from the step "
+                                   "after which dropping it changes the predicted image by at most this fraction, "
+                                   "as measured in the profile (e.g. 0.05).", show_default=False)
+    ] = None,
     objective: Annotated[
         str | None, typer.Option("--objective", help="Pick the levers automatically: memory (the smallest fragment "
                                  "that passes thresholds.yaml's quality gates on a few seeds) or speed (the fastest "
@@ -72,7 +77,7 @@ def extract(
     Example: frag extract reports/shapes/20260101T000000Z/profile --head-retention 0.7
               frag extract PROFILE --quantize int8 --ffn-retention 0.8 --evict-text-encoders
               frag extract PROFILE --objective memory
-              frag extract PROFILE --step-cache 0.02
+              frag extract PROFILE --step-cache 0.02 --guidance-cut 0.05
     """
     from fragcli.api import extract as run_extract
     from fragcli.console import err, print_json
@@ -81,6 +86,7 @@ def extract(
     options = lever_options(head_retention=head_retention, ffn_retention=ffn_retention,
                             low_rank_energy=low_rank_energy, quantize=quantize, cache_prompt=cache_prompt,
                             evict_text_encoders=evict_text_encoders, step_cache=step_cache,
+                            guidance_cut=guidance_cut,
                             default_heads=objective is None)
     options.update(step_cache_max_reuse=step_cache_max_reuse, score=score, per_module=per_module, safety_margin=safety_margin,
                    stability_threshold=stability_threshold)

@@ -48,6 +48,7 @@ class Recorder:
     columns: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # table -> declared columns
     tables: dict[str, dict[str, list]] = field(default_factory=dict)  # table -> column -> values
     first_context: object = None  # encoder_hidden_states of the first denoiser call (for the embedding hash)
+    scheduler: object = None  # the pipeline's scheduler, for collectors that turn predictions into x0
 
     def __post_init__(self) -> None:
         self.declare(HEAD_TABLE, list(HEAD_TYPES.items()))

@@ -51,7 +51,8 @@ def run_profile(model, s: GenSettings, seeds: list[int], profiled_steps: list[in
     import pyarrow.parquet as pq
 
     pipe, den, device = model.pipe, model.denoiser, model.device
-    recorder = Recorder(profiled_steps=set(profiled_steps), sample_rows=None if exact_entropy else 256)
+    recorder = Recorder(profiled_steps=set(profiled_steps), sample_rows=None if exact_entropy else 256,
+                        scheduler=getattr(pipe, "scheduler", None))
     started = time.perf_counter()
 
     collectors = technique_collectors()

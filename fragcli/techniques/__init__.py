@@ -22,6 +22,7 @@ from fragcli.techniques.base import (
     TechniqueSummary,
 )
 from fragcli.techniques.ffn_prune import FfnPrune
+from fragcli.techniques.guidance_cut import GuidanceCut
 from fragcli.techniques.head_prune import HeadPrune, HeadPruneConfig
 from fragcli.techniques.low_rank import LowRank
 from fragcli.techniques.prompt_embeds import PromptEmbeds
@@ -34,6 +35,7 @@ REGISTRY.register(FfnPrune())
 REGISTRY.register(LowRank())
 REGISTRY.register(Quantize())
 REGISTRY.register(PromptEmbeds())
+REGISTRY.register(GuidanceCut())  # before the step cache: it must see the halved batch
 REGISTRY.register(StepCache())
 
 

@@ -95,6 +95,7 @@ class Collector:
     columns: list[tuple[str, str]]
     install: Callable[..., Patch]
     remove: Callable[..., bool] | None = None
+    docs: dict[str, str] = field(default_factory=dict)  # column -> what it holds (docs/FORMATS.md)
 
 
 class Technique:
@@ -104,6 +105,7 @@ class Technique:
     version: ClassVar[int] = 1
     Config: ClassVar[type[TechniqueConfig]]
     options: ClassVar[dict[str, Any]] = {}  # extract option name -> default, for plan()
+    records: ClassVar[dict[str, type[BaseModel]]] = {}  # file a Plan.record is written to -> its schema
 
     def plan(self, profile: Any, options: dict[str, Any]) -> Plan | None:
         return None

@@ -18,7 +18,8 @@ with the schedule taken from the profile instead of a fixed interval:
 
 The runtime is a named, reversible patch on the denoiser: a forward pre-hook follows the steps (a new generation
 starts when the timestep rises or the input's shape changes; several calls at the same timestep, e.g. a pipeline
-that runs the two guidance branches separately, are told apart and cached separately), and each deep module's
+that runs the two guidance branches separately, are told apart and cached separately; a batch that halves within
+a generation, as after a guidance cut-off, keeps the conditional half of the cache), and each deep module's
 ``forward`` is wrapped (not copied) so that on a reuse step it returns its cached output. With every step computed
 the patched UNet equals the plain one exactly (a test). No tensor changes: a step-cache fragment has no weight delta.
 
@@ -130,6 +131,21 @@ def read_drift(profile, branch: str) -> tuple[list[float], list[float]]:
     return [times[s] for s in steps], drift
 
 
+def halved(before: tuple | None, now: tuple | None) -> bool:
+    """The batch went from 2B to B with the same latent shape."""
+    return bool(before and now and len(before) == len(now) and before[0] == 2 * now[0] and before[1:] == now[1:])
+
+
+def _second_half(value, n: int):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value[n // 2 :] if value.dim() and value.shape[0] == n else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_second_half(v, n) for v in value)
+    return value
+
+
 def install_step_cache(denoiser, config: StepCacheConfig) -> Patch:
     """The runtime patch (idempotent: a second install returns the first; ``remove_step_cache`` undoes it)."""
     import torch
@@ -150,6 +166,12 @@ def install_step_cache(denoiser, config: StepCacheConfig) -> Patch:
             t = args[1] if len(args) > 1 else kwargs.get("timestep")
             t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
             shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else None
+            if halved(st["shape"], shape) and st["t"] is not None and t <= st["t"]:
+                # the same generation on half the batch (a guidance cut dropped the unconditional half): the
+                # cached features keep their second, conditional half
+                n = st["shape"][0]
+                st["cache"].update({k: _second_half(v, n) for k, v in st["cache"].items()})
+                st["shape"] = shape
             if st["t"] is None or t > st["t"] or shape != st["shape"]:  # a new generation
                 st["cache"].clear()
                 st["call"], st["reuse"] = 0, 0
@@ -200,6 +222,7 @@ class StepCache(Technique):
     name = "step_cache"
     version = 1
     Config = StepCacheConfig
+    records = {"step_schedule.json": StepSchedule}
     options = {"step_cache": None, "step_cache_max_reuse": DEFAULT_MAX_REUSE}
 
     def plan(self, profile, options: dict) -> Plan | None:
