@@ -38,8 +38,9 @@ def extract(
                                    show_default=False)
     ] = None,
     step_cache_max_reuse: Annotated[
-        int, typer.Option("--step-cache-max-reuse", help="Most consecutive steps served from the step cache.")
-    ] = 4,
+        int | None, typer.Option("--step-cache-max-reuse", help="Most consecutive steps served from the step cache "
+                                 "(default 4; --objective speed tries 4 and 6).", show_default=False)
+    ] = None,
     guidance_cut: Annotated[
         float | None, typer.Option("--guidance-cut", help="Drop the unconditional (guidance) branch from the step "
                                    "after which dropping it changes the predicted image by at most this fraction, "
