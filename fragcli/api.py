@@ -252,22 +252,28 @@ class BenchResult:
 def bench(fragment_dir: Path, *, variants: int = 32, batch_size: int = 1, repeats: int = 3, steps: int | None = None,
           model: str | None = None, device: str = "auto", dtype: str = "auto", out: Path | None = None,
           overwrite: bool = False, manifest: bool = True, show_progress: bool = True, memory: bool = True,
-          memory_repeats: int = 1, decode: str = "plain") -> BenchResult:
+          memory_repeats: int = 1, decode: str = "plain", peers: str | None = None,
+          fidelity: bool = True) -> BenchResult:
     """The full model and the fragment side by side in one process, interleaved (``frag bench``): writes
     ``out``/bench.json and, unless ``manifest=False``, the manifest's performance block. ``memory``: each side's
     load / generation / decode peaks measured first in a fresh process (``memory_repeats`` runs per side);
-    ``decode``: the fragment side's VAE decode (plain | tiled | sliced | auto)."""
+    ``decode``: the fragment side's VAE decode (plain | tiled | sliced | auto); ``peers``: e.g. "deepcache,tgate"
+    (``fragcli.peers``), each installed one run beside them; ``fidelity``: every contender's images against the
+    full model's."""
     from fragcli.bench import check_bench_args, run_bench, write_bench
     from fragcli.manifest import read_manifest
     from fragcli.paths import check_out_dir
+    from fragcli.peers import resolve_peers
 
     check_bench_args(variants, batch_size, repeats, steps, memory=memory, memory_repeats=memory_repeats, decode=decode)
+    resolve_peers(peers)  # an unknown name is refused before anything runs
     m = read_manifest(Path(fragment_dir))
     target = check_out_dir(Path(out) if out else _default_out(m.base_model.name, "bench"), overwrite,
                            inputs=[fragment_dir])
     with _updating(Path(fragment_dir), update=manifest):
         record = run_bench(Path(fragment_dir), variants, batch_size, repeats, model, device, dtype, steps,
-                           show_progress, memory=memory, memory_repeats=memory_repeats, decode=decode)
+                           show_progress, memory=memory, memory_repeats=memory_repeats, decode=decode, peers=peers,
+                           fidelity=fidelity)
         write_bench(record, target, Path(fragment_dir) if manifest else None)
     return BenchResult(target, record)
 

@@ -44,7 +44,7 @@ from fragcli.memory_probe import DECODE_CHOICES, ProbeResult
 PROBE_IMAGES = 2  # images each memory probe generates (at least one batch)
 
 
-def _chunk_stats(model, s, seeds, advance) -> tuple[float, int, int | None]:
+def _chunk_stats(model, s, seeds, advance) -> tuple[float, int, int | None, dict]:
     import psutil
     import torch
 
@@ -57,7 +57,7 @@ def _chunk_stats(model, s, seeds, advance) -> tuple[float, int, int | None]:
     with PeakMemory(model.device) as peak:
         res = generate(model.pipe, s, seeds, model.device, batch_size=len(seeds), advance=advance)
     act = (peak.cuda_peak - start_alloc) if cuda else max(0, peak.peak_rss - rss0)
-    return res.total_s, act, peak.cuda_peak
+    return res.total_s, act, peak.cuda_peak, res.images
 
 
 def _interleaved(models: dict[str, Any], s, variants: int, batch_size: int, repeats: int, advance) -> dict[str, dict]:
@@ -65,14 +65,16 @@ def _interleaved(models: dict[str, Any], s, variants: int, batch_size: int, repe
     names = list(models)
     seeds = list(range(variants))
     chunks = [seeds[i : i + batch_size] for i in range(0, variants, batch_size)]
-    out = {n: {"times": [], "act": 0, "cuda": None} for n in names}
+    out = {n: {"times": [], "act": 0, "cuda": None, "images": {}} for n in names}
     for name in names:  # warm-up, not counted
         _chunk_stats(models[name], s, [10_000], advance)
     for r in range(repeats):
         rep = dict.fromkeys(names, 0.0)
         for i, chunk in enumerate(chunks):
             for name in names if (i + r) % 2 == 0 else names[::-1]:
-                t, a, c = _chunk_stats(models[name], s, chunk, advance)
+                t, a, c, images = _chunk_stats(models[name], s, chunk, advance)
+                if r == 0:
+                    out[name]["images"].update(images)
                 rep[name] += t
                 out[name]["act"] = max(out[name]["act"], a)
                 if c is not None:
@@ -173,6 +175,56 @@ def _probe_sides(spec: str, fragment_dir: Path, manifest, steps: int | None, var
     return out
 
 
+def _load_peers(asked, spec, device, dtype, s, models, unavailable) -> dict:
+    """Each installed peer on its own copy of the full model, added to ``models``; the others in ``unavailable``.
+    Returns peer name -> its real pipeline (for the weight and component numbers)."""
+    from types import SimpleNamespace
+
+    from fragcli.peers import load_peer
+
+    pipes = {}
+    for peer in asked:
+        why = peer.missing()
+        if why is None:
+            try:
+                loaded, call = load_peer(peer, spec, device, dtype, s)
+            except FragError as exc:
+                why = exc.message
+            else:
+                models[peer.name] = SimpleNamespace(pipe=call, device=loaded.device)
+                pipes[peer.name] = loaded.pipe
+                continue
+        unavailable[f"runs.{peer.name}"] = why
+    return pipes
+
+
+def _peer_info(peer) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version(peer.dist)
+    except PackageNotFoundError:
+        v = None
+    return {"package": peer.dist, "version": v, "params": peer.params}
+
+
+def _fidelity(full, runs: dict, measured: dict, prompt: str, show_progress: bool) -> None:
+    """Every contender's images against the full model's, with frag validate's metrics and per-image gates."""
+    from fragcli.console import progress
+    from fragcli.thresholds import load_thresholds
+    from fragcli.validation import fidelity, quality_metrics
+
+    metrics = quality_metrics(full)
+    th = load_thresholds(None)
+    ref = measured[BASELINE]["images"]
+    others = [n for n in runs if n != BASELINE]
+    with progress("fidelity against the full model", len(others), show_progress) as adv:
+        for name in others:
+            seeds = sorted(ref)
+            runs[name].fidelity, _ = fidelity(ref, measured[name]["images"], seeds, prompt, metrics, th)
+            adv(1)
+
+
 def _disk_bytes(full, manifest) -> tuple[int | None, int]:
     from fragcli.memory import disk_weight_bytes
 
@@ -182,12 +234,14 @@ def _disk_bytes(full, manifest) -> tuple[int | None, int]:
 def run_bench(fragment_dir: Path, variants: int = 32, batch_size: int = 1, repeats: int = 3, model: str | None = None,
               device: str = "auto", dtype: str = "auto", steps: int | None = None,
               show_progress: bool = True, *, memory: bool = True, memory_repeats: int = 1,
-              decode: str = "plain") -> BenchRecord:
-    """Benchmark ``fragment_dir`` against its base model; returns the record (nothing is written).
+              decode: str = "plain", peers: str | None = None, fidelity: bool = True) -> BenchRecord:
+    """Benchmark ``fragment_dir`` against its base model (and ``peers``, e.g. "deepcache,tgate"; see
+    ``fragcli.peers``); returns the record (nothing is written).
 
     ``memory``: measure each side's peaks in a fresh process first (``fragcli.memory_probe``), ``memory_repeats``
     times; ``decode``: the fragment side's VAE decode (plain | tiled | sliced | auto: the one its probe found
-    lowering the decode peak)."""
+    lowering the decode peak); ``fidelity``: compare every contender's images with the full model's (CLIP delta
+    with the model's judge, SSIM, pHash; LPIPS where its weights exist)."""
     import torch
 
     from fragcli import __version__
@@ -197,10 +251,12 @@ def run_bench(fragment_dir: Path, variants: int = 32, batch_size: int = 1, repea
     from fragcli.loading import open_fragment
     from fragcli.memory_probe import set_decode
     from fragcli.models import load_model
+    from fragcli.peers import resolve_peers
     from fragcli.profiling.run import versions
 
     check_bench_args(variants, batch_size, repeats, steps, memory=memory, memory_repeats=memory_repeats,
                      decode=decode)
+    asked = resolve_peers(peers)
     fragment_dir = Path(fragment_dir).resolve()
     manifest = verify_fragment(fragment_dir, None)
     spec = model or manifest.base_model.spec
@@ -223,7 +279,9 @@ def run_bench(fragment_dir: Path, variants: int = 32, batch_size: int = 1, repea
                             "pass --decode plain or auto") from None
     g = manifest.profiling
     s = resolve_settings(full, g.prompt, steps or g.steps, g.guidance, g.width, g.height, g.negative_prompt)
-    models = {BASELINE: full, FRAGMENT: frag}
+    models: dict[str, Any] = {BASELINE: full, FRAGMENT: frag}
+    unavailable: dict[str, str] = {}
+    peer_pipes = _load_peers(asked, spec, device, dtype, s, models, unavailable)
     total = (len(models) + len(models) * variants * repeats) * s.steps
     label = ", ".join(models)
     with progress(f"benchmark ({label}; interleaved, {repeats} repeat(s))", total, show_progress) as adv:
@@ -233,22 +291,34 @@ def run_bench(fragment_dir: Path, variants: int = 32, batch_size: int = 1, repea
     runs = {BASELINE: base,
             FRAGMENT: _stats("fragment", manifest.name, measured[FRAGMENT], frag.pipe, variants)}
     base.disk_bytes, runs[FRAGMENT].disk_bytes = base_disk, frag_disk
-    unavailable = {} if base_disk is not None else {"runs.full.disk_bytes": f"{full.name} is built in memory"}
+    for peer in asked:
+        if peer.name in peer_pipes:
+            runs[peer.name] = _stats("peer", peer.description, measured[peer.name], peer_pipes[peer.name], variants)
+            runs[peer.name].peer = _peer_info(peer)
+    if base_disk is None:
+        unavailable["runs.full.disk_bytes"] = f"{full.name} is built in memory"
     if probes is not None:
-        for name, run in runs.items():
-            run.memory = side_memory(probes[name])
-        kinds = {run.memory.peak_kind for run in runs.values()}
+        for name in (BASELINE, FRAGMENT):
+            runs[name].memory = side_memory(probes[name])
+        kinds = {runs[name].memory.peak_kind for name in (BASELINE, FRAGMENT)}
         kind = kinds.pop() if len(kinds) == 1 else "rss_hwm_since_start"
     else:
         kind = "weights_plus_rss" if base.cuda_peak_bytes is None else "cuda_max_allocated"
         unavailable["memory"] = "the memory probes were skipped (--no-memory): peaks are from the timing run"
+    in_process = "weights_plus_rss" if base.cuda_peak_bytes is None else "cuda_max_allocated"
     for name, run in runs.items():
-        if name != BASELINE:
-            run.vs_baseline = _ratios(run, base, kind)
+        if name != BASELINE:  # peers have no probe: their peaks compare with the timing run's
+            run.vs_baseline = _ratios(run, base, kind if run.kind == "fragment" else in_process)
+    if fidelity:
+        _fidelity(full, runs, measured, s.prompt, show_progress)
+    else:
+        unavailable["fidelity"] = "not measured (--no-fidelity)"
     x = runs[FRAGMENT]
     ratios = x.vs_baseline
     costs = manifest.costs
     saved = base.per_image_s - x.per_image_s
+    kept = len(manifest.profiling.seeds)  # the profile's full-model images, which the user keeps
+    marginal = max(0.0, costs.profile_s + costs.extract_s - kept * base.per_image_s) / saved if saved > 0 else None
     return BenchRecord(
         frag_version=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         model=ModelRef(name=full.name, hash=full.hash), fragment_path=str(fragment_dir), fragment_name=manifest.name,
@@ -260,7 +330,8 @@ def run_bench(fragment_dir: Path, variants: int = 32, batch_size: int = 1, repea
         peak_source="probe" if probes is not None else "in_process",
         memory_probes=memory_repeats if probes is not None else 0, decode=decode, decode_used=decode_used,
         unavailable=unavailable, profile_cost_s=costs.profile_s, extract_cost_s=costs.extract_s,
-        break_even_images=(costs.profile_s + costs.extract_s) / saved if saved > 0 else None, versions=versions())
+        break_even_images=(costs.profile_s + costs.extract_s) / saved if saved > 0 else None,
+        break_even_images_marginal=marginal, profile_images=kept, peers=[p.name for p in asked], versions=versions())
 
 
 def write_bench(record: BenchRecord, out: Path, fragment_dir: Path | None = None) -> Path:

@@ -1,5 +1,5 @@
 """bench.json's schema (``BenchRecord``): what `frag bench` measured, read back by the report, the manifest's
-performance block and the tests. Versions 1 and 2 (and 3, without peers, fidelity and the marginal break-even) are
+performance block and the tests. Versions 1, 2 and 3 (without peers, fidelity and the marginal break-even) are
 migrated in memory by ``read_bench``. The measuring is in ``fragcli.bench``.
 """
 
@@ -12,9 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fragcli.errors import FragError
 from fragcli.memory_probe import DecodeMemory, DecodeMode, ProbeResult
+from fragcli.records import Aggregate
 
 TYPE = "frag.bench"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BASELINE = "full"
 FRAGMENT = "fragment"
 PeakKind = Literal["cuda_max_allocated", "rss_hwm", "rss_hwm_since_start", "weights_plus_rss"]
@@ -96,13 +97,17 @@ class RunStats(_Strict):
     disk_bytes: int | None = Field(None, description="on disk: the full model's weight files (null: built in "
                                                      "memory); the fragment's artifacts (it runs on its base model)")
     memory: SideMemory | None = Field(None, description="peaks measured in a fresh process; null: not measured")
+    fidelity: Aggregate | None = Field(
+        None, description="this contender's images against the full model's on the same seeds (the first repeat's), "
+                          "with frag validate's metrics and per-image gates; null for the baseline or not measured")
+    peer: dict[str, Any] | None = Field(None, description="kind peer: its package, version and settings")
 
 
 class BenchRecord(_Strict):
     """bench.json: contenders benchmarked side by side in one process; top-level numbers are the fragment's."""
 
     type_: Literal["frag.bench"] = Field(TYPE, alias="_type")
-    schema_version: Literal[3] = SCHEMA_VERSION
+    schema_version: Literal[4] = SCHEMA_VERSION
     frag_version: str = Field("", description="frag version that wrote the record")
     created: str = Field(description="UTC time, ISO 8601")
     model: ModelRef = Field(description="the base model")
@@ -142,6 +147,13 @@ class BenchRecord(_Strict):
     extract_cost_s: float = Field(description="the fragment's extraction time (manifest costs)")
     break_even_images: float | None = Field(
         description="(profile_cost_s + extract_cost_s) / seconds saved per image; null: the fragment is not faster (H5)")
+    break_even_images_marginal: float | None = Field(
+        None, description="the same, crediting the profile's own full-model images, which the user keeps: "
+                          "(profile_cost_s + extract_cost_s - profile_images x full per-image s) / seconds saved per "
+                          "image, at least 0; null: the fragment is not faster (or not recorded, schema_version < 4)")
+    profile_images: int = Field(0, description="images the profile generated with the full model (its seeds)")
+    peers: list[str] = Field(default_factory=list, description="the peers asked for (runs holds those that ran; "
+                                                               "unavailable says why the others did not)")
     versions: dict[str, str] = Field(default_factory=dict, description="frag, torch, diffusers, transformers, python")
 
     @property
@@ -180,8 +192,9 @@ def read_bench(path: Path) -> BenchRecord:
 
 
 def _migrate_v2(data: dict) -> dict:
-    """Version 2 had no components, disk sizes nor probes: the new fields keep their defaults (not measured)."""
-    if data.get("schema_version") != 2:
+    """Version 2 had no components, disk sizes nor probes, version 3 no fidelity, peers nor marginal break-even:
+    the new fields keep their defaults (not measured)."""
+    if data.get("schema_version") not in (2, 3):
         return data
     return {**data, "schema_version": SCHEMA_VERSION}
 

@@ -331,20 +331,6 @@ def unmeasured_gates(metrics, thresholds) -> dict[str, str]:
     return out
 
 
-def _quality(full: dict, frag: dict, seeds: list[int], prompt: str, metrics, thresholds):
-    """Per-image comparison and gates, then the aggregate gated as frag validate gates it."""
-    from fragcli.metrics import aggregate, compare_images
-    from fragcli.thresholds import check_image
-
-    comp = compare_images([full[x] for x in seeds], [frag[x] for x in seeds], prompt, metrics.clip, metrics.lpips,
-                          metrics.unavailable)
-    rows = [{**row, "passed": check_image(row, thresholds).passed} for row in comp.per_image]
-    agg = aggregate(rows)
-    check = check_image({"clip_delta_rel": agg["clip_delta_rel"], "lpips": agg["lpips_mean"],
-                         "ssim": agg["ssim_mean"], "phash_distance": agg["phash_mean"]}, thresholds)
-    return Aggregate.model_validate(agg), check
-
-
 def quality_loss(q: Aggregate | None, metric: str) -> float | None:
     """The Pareto fronts' quality loss (lower is better): the CLIP-score drop, or 1 - SSIM."""
     if q is None:
@@ -490,6 +476,7 @@ def _try(options, rows, done, prune, profile, loaded, base, s, seeds, full, metr
     from fragcli.generation import generate
     from fragcli.memory import weight_bytes
     from fragcli.techniques.stack import apply_stack
+    from fragcli.validation import fidelity
 
     cid = candidate_id(options)
     taken = {r.id for r in rows}
@@ -537,7 +524,7 @@ def _try(options, rows, done, prune, profile, loaded, base, s, seeds, full, metr
         gc.collect()
     done[stack_key] = cid
     row.seconds_per_image = min(got.seconds.values())
-    row.quality, check = _quality(full, got.images, seeds, s.prompt, metrics, th)
+    row.quality, check = fidelity(full, got.images, seeds, s.prompt, metrics, th)
     row.status = "passed" if check.passed else "failed"
     row.reasons = list(check.failures)
     return row

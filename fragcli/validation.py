@@ -169,3 +169,19 @@ def write_validation(result: dict, out: Path, fragment_dir: Path, update_manifes
         reuse = {"paraphrases_tested": len(p["prompts"]), "paraphrases_passed": sum(r["passed"] for r in p["per_prompt"]),
                  "paraphrase_pass_rate": p["pass_rate"]} if p else None
         update_manifest(fragment_dir, quality=quality, reuse=reuse)
+
+
+def fidelity(full: dict, frag: dict, seeds: list[int], prompt: str, metrics, thresholds):
+    """``frag``'s images against the full model's on ``seeds``: per-image comparison and gates, then the aggregate
+    (an ``Aggregate``) and its gate check, as frag validate gates it."""
+    from fragcli.metrics import aggregate, compare_images
+    from fragcli.records import Aggregate
+    from fragcli.thresholds import check_image
+
+    comp = compare_images([full[x] for x in seeds], [frag[x] for x in seeds], prompt, metrics.clip, metrics.lpips,
+                          metrics.unavailable)
+    rows = [{**row, "passed": check_image(row, thresholds).passed} for row in comp.per_image]
+    agg = aggregate(rows)
+    check = check_image({"clip_delta_rel": agg["clip_delta_rel"], "lpips": agg["lpips_mean"],
+                         "ssim": agg["ssim_mean"], "phash_distance": agg["phash_mean"]}, thresholds)
+    return Aggregate.model_validate(agg), check

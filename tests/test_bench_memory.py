@@ -83,7 +83,7 @@ def test_bench_measures_components_probes_and_disk_side_by_side(fragment, tmp_pa
     on_disk = json.loads((out / "bench.json").read_text())
     printed = json.loads(r.stdout)
     assert printed.pop("out") == str((out / "bench.json").resolve()) and printed == on_disk
-    assert on_disk["schema_version"] == 3
+    assert on_disk["schema_version"] == 4
     rec = read_bench(out / "bench.json")
     assert rec.peak_source == "probe" and rec.memory_probes == 1 and rec.peak_kind == "rss_hwm"
     full, frag = rec.runs["full"], rec.runs["fragment"]
@@ -134,10 +134,35 @@ def test_bench_measures_components_probes_and_disk_side_by_side(fragment, tmp_pa
     assert f"{full.memory.generate_peak_bytes / MIB:.1f}" in text and f"{frag.disk_bytes / MIB:.1f}" in text
 
 
+V4_TOP, V4_RUN = ("break_even_images_marginal", "profile_images", "peers"), ("fidelity", "peer")
+
+
+def _v3(doc: dict) -> dict:
+    """A schema_version 4 record as frag wrote it at version 3 (no fidelity, peers, marginal break-even)."""
+    v3 = {k: v for k, v in doc.items() if k not in V4_TOP}
+    v3["runs"] = {n: {k: v for k, v in r.items() if k not in V4_RUN} for n, r in doc["runs"].items()}
+    return {**v3, "schema_version": 3}
+
+
+def test_a_version_3_record_still_reads(tmp_path):
+    from tests.test_report import bench
+
+    v3 = _v3(bench().dump())
+    (tmp_path / "bench.json").write_text(json.dumps(v3))
+    rec = read_bench(tmp_path / "bench.json")
+    assert rec.schema_version == 4 and rec.break_even_images_marginal is None and rec.peers == []
+    assert rec.runs["fragment"].fidelity is None and rec.speedup == v3["speedup"]
+    (tmp_path / "bench.json").write_text(json.dumps({**v3, "peers": 1}))  # a v4 field, wrong type: refused
+    from fragcli.errors import FragError
+
+    with pytest.raises(FragError, match="peers"):
+        read_bench(tmp_path / "bench.json")
+
+
 def _v2(doc: dict) -> dict:
-    """A schema_version 3 record as frag wrote it at version 2 (no components, disk sizes, probes)."""
-    new_top = ("peak_source", "memory_probes", "decode", "decode_used", "unavailable")
-    new_run = ("components", "resident_bytes", "disk_bytes", "memory")
+    """A schema_version 4 record as frag wrote it at version 2 (no components, disk sizes, probes)."""
+    new_top = ("peak_source", "memory_probes", "decode", "decode_used", "unavailable", *V4_TOP)
+    new_run = ("components", "resident_bytes", "disk_bytes", "memory", *V4_RUN)
     v2 = {k: v for k, v in doc.items() if k not in new_top}
     v2["runs"] = {n: {k: v for k, v in r.items() if k not in new_run} for n, r in doc["runs"].items()}
     return {**v2, "schema_version": 2}
@@ -150,7 +175,7 @@ def test_a_version_2_record_still_reads(tmp_path):
     v2 = _v2(bench().dump())
     (tmp_path / "bench.json").write_text(json.dumps(v2))
     rec = read_bench(tmp_path / "bench.json")
-    assert rec.schema_version == 3 and rec.peak_source == "in_process" and rec.memory_probes == 0
+    assert rec.schema_version == 4 and rec.peak_source == "in_process" and rec.memory_probes == 0
     assert rec.runs["full"].memory is None and rec.runs["fragment"].components is None
     assert rec.speedup == v2["speedup"] and rec.peak_kind == "weights_plus_rss"
     assert performance_block(v2) == performance_block(rec)
@@ -160,7 +185,7 @@ def test_a_version_2_record_still_reads(tmp_path):
         (tmp_path / "bench.json").write_text(json.dumps({**v2, **junk}))
         with pytest.raises(FragError, match="invalid"):
             read_bench(tmp_path / "bench.json")
-    (tmp_path / "bench.json").write_text(json.dumps({**v2, "schema_version": 4}))
+    (tmp_path / "bench.json").write_text(json.dumps({**v2, "schema_version": 5}))
     with pytest.raises(FragError, match="schema_version"):
         read_bench(tmp_path / "bench.json")
     BenchRecord.model_validate(bench().dump())  # the current version round-trips

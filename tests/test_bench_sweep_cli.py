@@ -34,7 +34,7 @@ def test_bench_writes_a_typed_record_into_out_and_the_manifest(fragment, tmp_pat
     assert printed.pop("out") == str((out / "bench.json").resolve()) and printed == on_disk
     rec = BenchRecord.model_validate(on_disk)
     assert rec == read_bench(out / "bench.json")
-    assert on_disk["_type"] == "frag.bench" and on_disk["schema_version"] == 3
+    assert on_disk["_type"] == "frag.bench" and on_disk["schema_version"] == 4
     assert rec.baseline == "full" and set(rec.runs) == {"full", "fragment"}
     f, x = rec.runs["full"], rec.runs["fragment"]
     assert f.vs_baseline is None and x.vs_baseline is not None
@@ -55,6 +55,12 @@ def test_bench_writes_a_typed_record_into_out_and_the_manifest(fragment, tmp_pat
     cost = rec.profile_cost_s + rec.extract_cost_s
     assert rec.profile_cost_s > 0 and rec.extract_cost_s > 0
     assert rec.break_even_images == (pytest.approx(cost / saved) if saved > 0 else None)
+    kept = len(json.loads((fragment / "manifest.json").read_text())["profiling"]["seeds"])
+    assert rec.profile_images == kept > 0
+    marginal = max(0.0, cost - kept * f.per_image_s) / saved if saved > 0 else None
+    assert rec.break_even_images_marginal == (pytest.approx(marginal) if saved > 0 else None)
+    assert f.fidelity is None and x.fidelity is not None  # the fragment's images against the full model's
+    assert 0 < x.fidelity.ssim_mean <= 1 and x.fidelity.phash_mean >= 0 and x.fidelity.pass_rate is not None
     assert rec.fragment_path == str(fragment.resolve()) and rec.techniques == ["head_prune"]
     perf = json.loads((fragment / "manifest.json").read_text())["performance"]
     assert perf == pytest.approx(performance_block(rec))

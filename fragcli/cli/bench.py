@@ -25,6 +25,13 @@ def bench(
     decode: Annotated[str, typer.Option("--decode", help="The fragment side's VAE decode: plain | tiled | sliced "
                                         "(diffusers' enable_tiling / enable_slicing) | auto (the one its memory "
                                         "probe finds lowering the decode peak).")] = "plain",
+    peers: Annotated[
+        str, typer.Option("--peers", help="Also run these peers, each on its own copy of the full model, "
+                          "interleaved with the rest: deepcache (intervals 2 and 3), tgate, tomesd, or one setting "
+                          "(deepcache-i3). Not installed: reported, not run (pip install 'fragcli[peers]').")
+    ] = "",
+    fidelity: Annotated[bool, typer.Option("--fidelity/--no-fidelity", help="Compare every contender's images with "
+                                           "the full model's (CLIP delta, SSIM, pHash).")] = True,
     model: o.Model = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
@@ -41,6 +48,7 @@ def bench(
     reports/<model>/<timestamp>/bench) and the manifest's performance block.
 
     Example: frag bench fragments/demo --variants 32 --repeats 3 --out reports/demo/bench
+              frag bench fragments/demo --variants 32 --peers deepcache,tgate,tomesd --no-memory
     """
     from fragcli.api import bench as run_bench
     from fragcli.console import err, print_json
@@ -48,7 +56,7 @@ def bench(
     result = run_bench(fragment_dir, variants=variants, batch_size=batch_size, repeats=repeats, steps=steps,
                        model=model, device=device, dtype=dtype, out=out, overwrite=overwrite,
                        manifest=not no_manifest, show_progress=not json_out, memory=memory,
-                       memory_repeats=memory_repeats, decode=decode)
+                       memory_repeats=memory_repeats, decode=decode, peers=peers or None, fidelity=fidelity)
     rec = result.record
     if json_out:
         print_json({"out": str(result.path), **rec.dump()})
@@ -58,9 +66,14 @@ def bench(
     lo, hi = rec.speedup_range
     peak = {"rss_hwm": "process RSS peak while generating", "rss_hwm_since_start": "process RSS peak (since start)",
             "cuda_max_allocated": "CUDA max allocated", "weights_plus_rss": "weights+activations"}[rec.peak_kind]
+    bm = rec.break_even_images_marginal
     err.print(f"speedup x{rec.speedup:.2f} (x{lo:.2f}-x{hi:.2f} over {rec.repeats} repeat(s)); resident weights "
               f"{-rec.weight_reduction:+.1%}; peak ({peak}) {-rec.peak_memory_reduction:+.1%}; "
-              f"break-even {'never' if be is None else f'{be:.1f} images'}")
+              f"break-even {'never' if be is None else f'{be:.1f} images'} (H5; "
+              f"{'never' if bm is None else f'{bm:.1f}'} crediting the profile's {rec.profile_images} images)")
+    for what, why in rec.unavailable.items():
+        if what.startswith("runs."):
+            err.print(f"{what[5:]}: not run: {why}")
     typer.echo(f"bench written to {result.path}")
 
 
@@ -84,6 +97,18 @@ def _print_table(console, rec) -> None:
     row("range", lambda r: "{:.3f}-{:.3f}".format(*r.per_image_s_range))
     row("images/min", lambda r: "-" if r.images_per_min is None else f"{r.images_per_min:.1f}")
     row("speedup", lambda r: "-" if r.vs_baseline is None else f"x{r.vs_baseline.speedup:.2f}")
+    row("  range", lambda r: "-" if r.vs_baseline is None else "x{:.2f}-x{:.2f}".format(*r.vs_baseline.speedup_range))
+    if any(r.fidelity is not None for r in runs.values()):
+        def fid(attr, fmt):
+            def cell(r):
+                v = getattr(r.fidelity, attr) if r.fidelity is not None else None
+                return "-" if v is None else fmt.format(v)
+            return cell
+        row("CLIP delta", fid("clip_delta_rel", "{:+.2%}"))
+        row("SSIM", fid("ssim_mean", "{:.3f}"))
+        row("pHash", fid("phash_mean", "{:.1f}"))
+        row("LPIPS", fid("lpips_mean", "{:.3f}"))
+        row("images passing", fid("pass_rate", "{:.0%}"))
     names = list(dict.fromkeys(n for r in runs.values() for n in (r.components or {})))
     for comp in names:
         def cell(r, comp=comp):
