@@ -21,14 +21,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
 
-# The main job on the default model: profile -> extract (the memory recipe) -> validate -> generate -> bench ->
-# sweep (head pruning, for H1) -> report (H1-H5).
+# The main job on the default model: profile -> extract (the speed recipe) -> validate -> generate -> bench (with
+# the peers that are installed: pip install '.[peers]') -> sweep (head pruning, for H1) -> report (H1-H5).
 demo: setup
 	$(FRAG) profile "$(PROMPT)" --seeds 8 --out $(RUN)/profile --overwrite
-	$(FRAG) extract $(RUN)/profile --objective memory --out fragments/demo --overwrite
+	$(FRAG) extract $(RUN)/profile --objective speed --out fragments/demo --overwrite
 	$(FRAG) validate fragments/demo --seeds 20 --profile $(RUN)/profile --out $(RUN)/validate --overwrite
 	$(FRAG) generate "$(PROMPT)" --fragment auto --seeds 0-7 --batch-size 4 --out $(RUN)/generate --overwrite
-	$(FRAG) bench fragments/demo --variants 32 --repeats 3 --out $(RUN)/bench --overwrite
+	$(FRAG) bench fragments/demo --variants 32 --repeats 3 --peers deepcache,tgate,tomesd --out $(RUN)/bench --overwrite
 	$(FRAG) sweep $(RUN)/profile --values 0.9,0.8,0.7,0.6,0.5 --seeds 8 --out $(RUN)/sweep --overwrite
 	$(FRAG) report --run $(RUN) --sweep $(RUN)/sweep --compare none --out $(RUN)/report --overwrite
 

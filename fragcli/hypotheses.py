@@ -215,6 +215,10 @@ def h5_break_even(bench: Source | None, th: Thresholds) -> dict[str, Any]:
     value = _num(bench.data.get("break_even_images")) if bench else None
     speedup = _num(bench.data.get("speedup")) if bench else None
     evidence = "no bench.json found" if bench is None else f"{bench.path}: break_even_images {value}"
+    marginal = _num(bench.data.get("break_even_images_marginal")) if bench else None
+    if bench is not None and marginal is not None:
+        evidence += (f"; {marginal:.1f} crediting the profile's {bench.data.get('profile_images')} full-model images "
+                     "(profile + extract - their full-model time) / seconds saved per image")
 
     def done(status, note=""):
         return _result("H5", statement, value, gate.value, gate.direction, status, evidence, note)

@@ -44,6 +44,37 @@ def _tables(summary: dict[str, Any]) -> None:
         gates.add_row(g["gate"], g["kind"], f"[{STATUS_STYLE.get(g['status'], '')}]{g['status']}[/]",
                       _fmt(g["measured"]), f"{op} {_fmt(g['threshold'])}", g["message"])
     err.print(gates)
+    perf = summary.get("performance") or {}
+    if perf.get("contenders"):
+        _bench_table(err, perf)
+
+
+def _bench_table(console, perf: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"bench ({perf.get('variants')} variants x {perf.get('repeats')} repeats, "
+                        f"{perf.get('device')}; fidelity against the full model)", title_justify="left")
+    for col in ("contender", "s/image", "speed-up (range)", "CLIP delta", "SSIM", "pHash", "images passing"):
+        table.add_column(col, justify="right" if col != "contender" else "left")
+    contenders = perf["contenders"]
+    order = sorted(contenders, key=lambda n: ({"full": 0, "fragment": 1}.get(contenders[n].get("kind"), 2), n))
+    for name in order:  # the full model, the fragment, then the peers (the JSON's keys are sorted)
+        c = contenders[name]
+        rng = c.get("speedup_range")
+        speed = "-" if c.get("speedup") is None else (
+            f"x{c['speedup']:.2f}" + (f" ({rng[0]:.2f}-{rng[1]:.2f})" if rng else ""))
+        table.add_row(name, _fmt(c.get("per_image_s")), speed,
+                      "-" if c.get("clip_delta_rel") is None else f"{c['clip_delta_rel']:+.2%}",
+                      "-" if c.get("ssim_mean") is None else f"{c['ssim_mean']:.3f}",
+                      "-" if c.get("phash_mean") is None else f"{c['phash_mean']:.1f}",
+                      "-" if c.get("pass_rate") is None else f"{c['pass_rate']:.0%}")
+    for name, why in (perf.get("unavailable_contenders") or {}).items():
+        table.add_row(name, "-", f"not run: {why}", "-", "-", "-", "-")
+    console.print(table)
+    be, bm = perf.get("break_even_images"), perf.get("break_even_images_marginal")
+    if be is not None or bm is not None:
+        console.print(f"break-even (H5): {_fmt(be)} images by the design formula; {_fmt(bm)} crediting the "
+                      "profile's own full-model images")
 
 
 def report(

@@ -151,6 +151,20 @@ class QualityBlock(Block):
     passed: bool | None = None
 
 
+class Contender(Block):
+    """One row of the bench table: a contender of bench.json against the full model."""
+
+    kind: str = Field(description="full | fragment | peer")
+    description: str = ""
+    per_image_s: float | None = None
+    speedup: float | None = Field(None, description="median over the repeats; null for the full model")
+    speedup_range: list[float] | None = None
+    clip_delta_rel: float | None = None
+    ssim_mean: float | None = None
+    phash_mean: float | None = None
+    pass_rate: float | None = None
+
+
 class PerformanceBlock(Block):
     """Speed from bench.json (the fragment against the full model) and profiling cost from context.json."""
 
@@ -165,7 +179,14 @@ class PerformanceBlock(Block):
     fragment_images_per_min: float | None = None
     speedup: float | None = None
     speedup_range: list[float] | None = Field(None, description="[min, max] over the bench repeats")
-    break_even_images: float | None = None
+    break_even_images: float | None = Field(None, description="H5, the design formula: (profile + extract s) / "
+                                                            "seconds saved per image")
+    break_even_images_marginal: float | None = Field(None, description="the same crediting the profile's own "
+                                                                     "full-model images")
+    contenders: dict[str, Contender] = Field(default_factory=dict, description="bench.json's runs, side by side "
+                                                                              "(peers included)")
+    unavailable_contenders: dict[str, str] = Field(default_factory=dict, description="peers asked for that did not "
+                                                                                    "run, and why")
     profile_cost_s: float | None = None
     extract_cost_s: float | None = None
     profile_total_s: float | None = None

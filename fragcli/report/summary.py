@@ -82,6 +82,15 @@ def _bench_runs(bench: Source | None) -> tuple[dict[str, Any], dict[str, Any]]:
     return runs.get(_d(bench, "baseline") or "full") or {}, runs.get("fragment") or {}
 
 
+def _contender(run: dict[str, Any]) -> dict[str, Any]:
+    vs, fid = run.get("vs_baseline") or {}, run.get("fidelity") or {}
+    return {"kind": run.get("kind"), "description": run.get("description") or "",
+            "per_image_s": _num(run.get("per_image_s")), "speedup": _num(vs.get("speedup")),
+            "speedup_range": vs.get("speedup_range"), "clip_delta_rel": _num(fid.get("clip_delta_rel")),
+            "ssim_mean": _num(fid.get("ssim_mean")), "phash_mean": _num(fid.get("phash_mean")),
+            "pass_rate": _num(fid.get("pass_rate"))}
+
+
 def performance_block(bench: Source | None, profile: Source | None) -> dict[str, Any]:
     """Speed from bench.json (and profiling cost from context.json)."""
     out: dict[str, Any] = {"source": bench.path if bench else None}
@@ -98,6 +107,10 @@ def performance_block(bench: Source | None, profile: Source | None) -> dict[str,
             "speedup": _num(b.get("speedup")),
             "speedup_range": b.get("speedup_range"),
             "break_even_images": _num(b.get("break_even_images")),
+            "break_even_images_marginal": _num(b.get("break_even_images_marginal")),
+            "contenders": {name: _contender(r) for name, r in (b.get("runs") or {}).items()},
+            "unavailable_contenders": {k[5:]: v for k, v in (b.get("unavailable") or {}).items()
+                                       if k.startswith("runs.") and k.count(".") == 1},
             "profile_cost_s": _num(b.get("profile_cost_s")),
             "extract_cost_s": _num(b.get("extract_cost_s")),
         })
