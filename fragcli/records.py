@@ -105,7 +105,8 @@ class ProfileTimings(Block):
     per_seed_s: list[float] = Field(description="profiled generation seconds, one per seed")
     plain_first_seed_s: float = Field(description="the first seed again without any patch, warm")
     profiled_first_seed_s: float = Field(description="= per_seed_s[0]")
-    overhead_ratio: float | None = Field(description="profiled_first_seed_s / plain_first_seed_s")
+    overhead_ratio: float | None = Field(description="median of per_seed_s / plain_first_seed_s (the first seed "
+                                                    "again, warm, with no patch installed)")
 
 
 def non_finite(data: Any, where: str = "") -> str | None:

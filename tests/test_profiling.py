@@ -93,3 +93,20 @@ def test_head_energies_shapes():
     pre, post = head_energies(x, 4, torch.randn(16, 32))
     assert pre.shape == post.shape == (4,)
     assert torch.all(pre > 0) and torch.all(post > 0)
+
+
+def test_the_kept_gram_follows_the_weight():
+    from fragcli.profiling.processor import ProfilingAttnProcessor, head_gram
+
+    attn = Attention(query_dim=16, heads=4, dim_head=4)
+    proc = ProfilingAttnProcessor("a", Recorder(), attn.processor)
+    first = proc.gram(attn)
+    assert proc.gram(attn) is first  # kept between calls
+    assert torch.equal(first, head_gram(attn.to_out[0].weight, 4))
+    with torch.no_grad():
+        attn.to_out[0].weight.mul_(2.0)  # changed in place (a new version): recomputed
+    assert torch.allclose(proc.gram(attn), 4 * first)
+    x = torch.randn(2, 5, 16)
+    w = attn.to_out[0].weight
+    assert all(torch.equal(a, b) for a, b in zip(head_energies(x, 4, w, proc.gram(attn)), head_energies(x, 4, w),
+                                                 strict=True))

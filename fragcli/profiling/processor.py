@@ -21,14 +21,21 @@ from fragcli.profiling.recorder import Recorder
 PATCH = "frag.profile"
 
 
-def head_energies(x: torch.Tensor, heads: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` (batch, tokens, heads*head_dim) before ``to_out``; returns (energy_pre, energy_post) per head."""
+def head_gram(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """G_h = W_h^T W_h per head of ``to_out[0]``'s weight: (heads, head_dim, head_dim)."""
+    w = weight.float().reshape(weight.shape[0], heads, weight.shape[1] // heads)  # (out, heads, hd)
+    return torch.einsum("ohd,ohe->hde", w, w)
+
+
+def head_energies(x: torch.Tensor, heads: int, weight: torch.Tensor,
+                  gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (batch, tokens, heads*head_dim) before ``to_out``; returns (energy_pre, energy_post) per head
+    (``gram``: ``head_gram(weight, heads)``, when the caller keeps it between calls)."""
     b, s, inner = x.shape
     hd = inner // heads
     xh = x.float().reshape(b * s, heads, hd)
     pre = xh.pow(2).mean(dim=(0, 2)).sqrt()
-    w = weight.float().reshape(weight.shape[0], heads, hd)  # (out, heads, hd)
-    gram = torch.einsum("ohd,ohe->hde", w, w)  # (heads, hd, hd)
+    gram = head_gram(weight, heads) if gram is None else gram
     xt = xh.transpose(0, 1)  # (heads, n, hd)
     quad = (torch.bmm(xt, gram) * xt).sum(dim=(1, 2))
     post = (quad.clamp_min(0) / (b * s * weight.shape[0])).sqrt()
@@ -69,6 +76,15 @@ class ProfilingAttnProcessor:
 
     def __init__(self, name: str, recorder: Recorder, fallback):
         self.name, self.recorder, self.fallback = name, recorder, fallback
+        self._gram: tuple[tuple, torch.Tensor] | None = None  # (the weight's identity and version, its gram)
+
+    def gram(self, attn) -> torch.Tensor:
+        """``to_out[0]``'s per-head gram, computed once per weight (recomputed when the weight changes)."""
+        w = attn.to_out[0].weight
+        key = (w.data_ptr(), w._version, tuple(w.shape), attn.heads)
+        if self._gram is None or self._gram[0] != key:
+            self._gram = (key, head_gram(w.detach(), attn.heads))
+        return self._gram[1]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if not self.recorder.active:
@@ -112,7 +128,7 @@ class ProfilingAttnProcessor:
         hidden_states = hidden_states.to(query.dtype)
 
         with torch.no_grad():
-            pre, post = head_energies(hidden_states, attn.heads, attn.to_out[0].weight)
+            pre, post = head_energies(hidden_states, attn.heads, attn.to_out[0].weight, self.gram(attn))
             ent = head_entropy(query, key, attention_mask, self.recorder.sample_rows)
             self.recorder.add_heads(self.name, kind, pre.tolist(), post.tolist(), ent.tolist())
 

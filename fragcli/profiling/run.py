@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def run_profile(model, s: GenSettings, seeds: list[int], profiled_steps: list[in
         height=s.height, scheduler=type(pipe.scheduler).__name__, exact_entropy=exact_entropy, versions=versions(),
         timings={"total_s": time.perf_counter() - started, "per_seed_s": per_seed, "plain_first_seed_s": plain_s,
                  "profiled_first_seed_s": per_seed[0],
-                 "overhead_ratio": per_seed[0] / plain_s if plain_s > 0 else None},
+                 "overhead_ratio": statistics.median(per_seed) / plain_s if plain_s > 0 else None},
         memory={**peak.as_dict(), "weight_bytes": weight_bytes(pipe)},
         rows={name: t.num_rows for name, t in tables.items()},
         images={str(seed): f"images/seed-{seed}.png" for seed in seeds}, settings=s.as_dict(),
