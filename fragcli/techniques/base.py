@@ -19,8 +19,9 @@ A technique is one file in ``fragcli/techniques/`` holding a versioned config (a
   technique that acts on the pipeline rather than the denoiser (cached prompt embeddings): tensors computed from
   the whole pipeline at extract time, saved as ``<name>.safetensors``, and the pipeline patch installed at load.
 
-A technique that changes no tensor (a step schedule) implements ``apply``/``rebuild`` as the runtime patch alone:
-a fragment may have no weight delta at all.
+A technique that changes no tensor (a step schedule, a guidance cut) derives from ``RuntimeTechnique`` and
+implements ``install`` alone: ``apply``, ``rebuild`` and ``mask`` are that runtime patch, and a fragment may have
+no weight delta at all.
 """
 
 from __future__ import annotations
@@ -147,6 +148,23 @@ class Technique:
     def migrate_v1(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
         """The ``techniques[]`` entry for this technique in a schema_version 1 manifest dict, if it has one."""
         return None
+
+
+class RuntimeTechnique(Technique):
+    """A technique that changes no tensor (a step schedule): ``apply`` = ``rebuild`` = its named runtime patch
+    (``install``), and its ``mask`` is the same patch (the simulation is the thing itself)."""
+
+    def install(self, denoiser, config: TechniqueConfig) -> Patch:
+        raise NotImplementedError
+
+    def apply(self, denoiser, config: TechniqueConfig) -> Applied:
+        return Applied(self.name, self.install(denoiser, config))
+
+    def rebuild(self, denoiser, config: TechniqueConfig) -> Applied:
+        return self.apply(denoiser, config)
+
+    def mask(self, denoiser, config: TechniqueConfig) -> Patch:
+        return self.install(denoiser, config)
 
 
 @dataclass

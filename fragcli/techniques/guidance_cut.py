@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fragcli.errors import FragError
 from fragcli.patches import Patch, apply_patch, installed, remove_patch
-from fragcli.techniques.base import Applied, Collector, Plan, Technique, TechniqueConfig, TechniqueSummary
+from fragcli.techniques.base import Collector, Plan, RuntimeTechnique, TechniqueConfig, TechniqueSummary
 
 PATCH = "frag.guidance_cut"
 COLLECT = "frag.guidance_gap"
@@ -241,7 +241,7 @@ def remove_guidance_cut(denoiser) -> bool:
     return remove_patch(denoiser, PATCH)
 
 
-class GuidanceCut(Technique):
+class GuidanceCut(RuntimeTechnique):
     """Drop the unconditional branch after the step where this prompt's guidance has converged (runtime only)."""
 
     name = "guidance_cut"
@@ -280,14 +280,8 @@ class GuidanceCut(Technique):
             raise FragError(f"the guidance cut step {config.cut_step} is outside the {config.steps} calibrated steps",
                             "re-run frag extract")
 
-    def apply(self, denoiser, config: GuidanceCutConfig) -> Applied:
-        return Applied(self.name, install_guidance_cut(denoiser, config))
-
-    def rebuild(self, denoiser, config: GuidanceCutConfig) -> Applied:
-        return self.apply(denoiser, config)
-
-    def mask(self, denoiser, config: GuidanceCutConfig) -> Patch:
-        return install_guidance_cut(denoiser, config)  # runtime only: the simulation is the thing itself
+    def install(self, denoiser, config: GuidanceCutConfig) -> Patch:
+        return install_guidance_cut(denoiser, config)
 
     def attach(self, pipe, config: GuidanceCutConfig, tensors, *, evict=None, reload=None) -> Patch | None:
         """On a loaded pipeline, cut only calls the pipeline itself runs with classifier-free guidance."""

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fragcli.errors import FragError
 from fragcli.patches import Patch, apply_patch, remove_patch
-from fragcli.techniques.base import Applied, Plan, Technique, TechniqueConfig, TechniqueSummary
+from fragcli.techniques.base import Plan, RuntimeTechnique, TechniqueConfig, TechniqueSummary
 
 PATCH = "frag.step_cache"
 DEFAULT_THRESHOLD = 0.02
@@ -216,7 +216,7 @@ def remove_step_cache(denoiser) -> bool:
     return remove_patch(denoiser, PATCH)
 
 
-class StepCache(Technique):
+class StepCache(RuntimeTechnique):
     """Reuse the deep UNet branch on the steps where the profile shows its output is stable (runtime only)."""
 
     name = "step_cache"
@@ -259,14 +259,8 @@ class StepCache(Technique):
             raise FragError("the step schedule is inconsistent (timesteps and steps differ, or step 0 is reused)",
                             "re-run frag extract")
 
-    def apply(self, denoiser, config: StepCacheConfig) -> Applied:
-        return Applied(self.name, install_step_cache(denoiser, config))
-
-    def rebuild(self, denoiser, config: StepCacheConfig) -> Applied:
-        return self.apply(denoiser, config)
-
-    def mask(self, denoiser, config: StepCacheConfig) -> Patch:
-        return install_step_cache(denoiser, config)  # runtime only: the simulation is the thing itself
+    def install(self, denoiser, config: StepCacheConfig) -> Patch:
+        return install_step_cache(denoiser, config)
 
     def summary(self, config: StepCacheConfig, denoiser) -> TechniqueSummary:
         reused = sum(not c for c in config.computed)
