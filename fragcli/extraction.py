@@ -39,13 +39,13 @@ class ExtractResult:
 
 
 LEVERS = ("head_retention", "ffn_retention", "low_rank_energy", "quantize", "cache_prompt", "evict_text_encoders",
-          "step_cache", "guidance_cut")
+          "step_cache", "guidance_cut", "cross_attn_gate")
 OBJECTIVES = ("memory", "speed", "balanced")
 DEFAULT_HEAD_RETENTION = 0.7
 
 
 def lever_options(*, head_retention=None, ffn_retention=None, low_rank_energy=None, quantize=None,
-                  cache_prompt=False, evict_text_encoders=False, step_cache=None, guidance_cut=None,
+                  cache_prompt=False, evict_text_encoders=False, step_cache=None, guidance_cut=None, cross_attn_gate=None,
                   default_heads=True) -> dict[str, Any]:
     """The lever part of an extract options dict; with no lever at all (and ``default_heads``), head pruning at
     0.7, as frag extract always did."""
@@ -53,7 +53,7 @@ def lever_options(*, head_retention=None, ffn_retention=None, low_rank_energy=No
     options = {"head_retention": head_retention, "ffn_retention": ffn_retention, "low_rank_energy": low_rank_energy,
                "quantize": q, "cache_prompt": bool(cache_prompt or evict_text_encoders),
                "evict_text_encoders": bool(evict_text_encoders), "step_cache": step_cache,
-               "guidance_cut": guidance_cut}
+               "guidance_cut": guidance_cut, "cross_attn_gate": cross_attn_gate}
     if default_heads and all(options[k] is None or options[k] is False for k in LEVERS):
         options["head_retention"] = DEFAULT_HEAD_RETENTION
     return options

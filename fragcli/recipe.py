@@ -59,7 +59,7 @@ SPEED_TOLERANCE = 0.10  # speed: within 10% of the fastest count as as fast (one
 
 #: Lever -> aggressiveness of a value (higher = removes more; None = lever off = 0); booleans must be equal.
 _RETENTION = ("head_retention", "ffn_retention", "low_rank_energy")
-_THRESHOLD = ("step_cache", "guidance_cut")  # higher = reuses more (more aggressive); None = off
+_THRESHOLD = ("step_cache", "guidance_cut", "cross_attn_gate")  # higher = reuses more (more aggressive); None = off
 _COUNT = ("step_cache_max_reuse",)  # higher = more aggressive (a count; None = the technique's default)
 _QUANT_RANK = {None: 0, "none": 0, "int8": 1, "fp8": 2}  # fp8 (e4m3, 3 mantissa bits) errs more than int8/channel
 _EXACT = ("evict_text_encoders", "cache_prompt")  # no quality cost: never a reason to skip
@@ -199,6 +199,8 @@ def candidate_id(options: dict[str, Any]) -> str:
         parts.append(f"m{options['step_cache_max_reuse']}")
     if options.get("guidance_cut") is not None:
         parts.append(f"gc{options['guidance_cut'] * 100:g}")
+    if options.get("cross_attn_gate") is not None:
+        parts.append(f"ca{options['cross_attn_gate'] * 100:g}")
     if options.get("evict_text_encoders"):
         parts.append("evict")
     elif options.get("cache_prompt"):

@@ -46,6 +46,11 @@ def extract(
                                    "after which dropping it changes the predicted image by at most this fraction, "
                                    "as measured in the profile (e.g. 0.05).", show_default=False)
     ] = None,
+    cross_attn_gate: Annotated[
+        float | None, typer.Option("--cross-attn-gate", help="Reuse every cross-attention output from the step after "
+                                   "which, in the profile, they drift less than this in total (e.g. 0.05).",
+                                   show_default=False)
+    ] = None,
     objective: Annotated[
         str | None, typer.Option("--objective", help="Pick the levers automatically: memory (the smallest fragment "
                                  "that passes thresholds.yaml's quality gates on a few seeds) or speed (the fastest "
@@ -87,7 +92,7 @@ def extract(
     options = lever_options(head_retention=head_retention, ffn_retention=ffn_retention,
                             low_rank_energy=low_rank_energy, quantize=quantize, cache_prompt=cache_prompt,
                             evict_text_encoders=evict_text_encoders, step_cache=step_cache,
-                            guidance_cut=guidance_cut,
+                            guidance_cut=guidance_cut, cross_attn_gate=cross_attn_gate,
                             default_heads=objective is None)
     options.update(step_cache_max_reuse=step_cache_max_reuse, score=score, per_module=per_module, safety_margin=safety_margin,
                    stability_threshold=stability_threshold)

@@ -21,6 +21,7 @@ from fragcli.techniques.base import (
     TechniqueConfig,
     TechniqueSummary,
 )
+from fragcli.techniques.cross_attn_gate import CrossAttnGate
 from fragcli.techniques.ffn_prune import FfnPrune
 from fragcli.techniques.guidance_cut import GuidanceCut
 from fragcli.techniques.head_prune import HeadPrune, HeadPruneConfig
@@ -36,6 +37,7 @@ REGISTRY.register(LowRank())
 REGISTRY.register(Quantize())
 REGISTRY.register(PromptEmbeds())
 REGISTRY.register(GuidanceCut())  # before the step cache: it must see the halved batch
+REGISTRY.register(CrossAttnGate())
 REGISTRY.register(StepCache())
 
 

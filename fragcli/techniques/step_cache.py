@@ -146,8 +146,11 @@ def _second_half(value, n: int):
     return value
 
 
-def install_step_cache(denoiser, config: StepCacheConfig) -> Patch:
-    """The runtime patch (idempotent: a second install returns the first; ``remove_step_cache`` undoes it)."""
+def install_step_cache(denoiser, config: StepCacheConfig, name: str = PATCH) -> Patch:
+    """The runtime patch (idempotent: a second install returns the first; ``remove_step_cache`` undoes it).
+
+    Generic over ``config.modules`` / ``timesteps`` / ``computed`` / ``max_reuse`` (any object with them): the
+    cross-attention gate installs the same machinery on the cross-attention modules under its own ``name``."""
     import torch
 
     modules = dict(denoiser.named_modules())
@@ -204,12 +207,12 @@ def install_step_cache(denoiser, config: StepCacheConfig) -> Patch:
             mod.forward = forward
             patch.undo.append(lambda: mod.__dict__.pop("forward", None))
 
-        for name in config.modules:
-            wrap(name, modules[name])
+        for module_name in config.modules:
+            wrap(module_name, modules[module_name])
         patch.undo.append(denoiser.register_forward_pre_hook(pre, with_kwargs=True).remove)
         patch.undo.append(st["cache"].clear)
 
-    return apply_patch(denoiser, PATCH, install)
+    return apply_patch(denoiser, name, install)
 
 
 def remove_step_cache(denoiser) -> bool:
