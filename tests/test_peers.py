@@ -43,6 +43,13 @@ def test_a_peer_that_is_not_installed_is_reported_not_run(chain, tmp_path, monke
     assert set(rec.runs) == {"full", "fragment"} and rec.peers == ["deepcache-i2"]
     assert "not installed" in rec.unavailable["runs.deepcache-i2"] and "fragcli[peers]" in rec.unavailable[
         "runs.deepcache-i2"]
+    from fragcli.hypotheses import Source
+    from fragcli.report.summary import performance_block
+
+    perf = performance_block(Source(str(tmp_path / "b" / "bench.json"), rec.dump()), None)
+    assert set(perf["contenders"]) == {"full", "fragment"}  # the report's bench table
+    assert perf["unavailable_contenders"] == {"deepcache-i2": rec.unavailable["runs.deepcache-i2"]}
+    assert perf["contenders"]["fragment"]["ssim_mean"] == rec.runs["fragment"].fidelity.ssim_mean
 
 
 def test_an_unknown_peer_is_refused_before_anything_runs(chain, tmp_path):

@@ -71,9 +71,9 @@ def bench(
               f"{-rec.weight_reduction:+.1%}; peak ({peak}) {-rec.peak_memory_reduction:+.1%}; "
               f"break-even {'never' if be is None else f'{be:.1f} images'} (H5; "
               f"{'never' if bm is None else f'{bm:.1f}'} crediting the profile's {rec.profile_images} images)")
-    for what, why in rec.unavailable.items():
-        if what.startswith("runs."):
-            err.print(f"{what[5:]}: not run: {why}")
+    for peer in rec.peers:
+        if f"runs.{peer}" in rec.unavailable:
+            err.print(f"{peer}: not run: {rec.unavailable[f'runs.{peer}']}")
     typer.echo(f"bench written to {result.path}")
 
 

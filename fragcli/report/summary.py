@@ -109,8 +109,8 @@ def performance_block(bench: Source | None, profile: Source | None) -> dict[str,
             "break_even_images": _num(b.get("break_even_images")),
             "break_even_images_marginal": _num(b.get("break_even_images_marginal")),
             "contenders": {name: _contender(r) for name, r in (b.get("runs") or {}).items()},
-            "unavailable_contenders": {k[5:]: v for k, v in (b.get("unavailable") or {}).items()
-                                       if k.startswith("runs.") and k.count(".") == 1},
+            "unavailable_contenders": {p: (b.get("unavailable") or {})[f"runs.{p}"] for p in b.get("peers") or []
+                                       if f"runs.{p}" in (b.get("unavailable") or {})},
             "profile_cost_s": _num(b.get("profile_cost_s")),
             "extract_cost_s": _num(b.get("extract_cost_s")),
         })
