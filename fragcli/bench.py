@@ -189,7 +189,7 @@ def _load_peers(asked, spec, device, dtype, s, models, unavailable) -> dict:
             try:
                 loaded, call = load_peer(peer, spec, device, dtype, s)
             except FragError as exc:
-                why = exc.message
+                why = exc.one_line()
             else:
                 models[peer.name] = SimpleNamespace(pipe=call, device=loaded.device)
                 pipes[peer.name] = loaded.pipe

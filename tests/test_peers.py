@@ -52,6 +52,24 @@ def test_a_peer_that_is_not_installed_is_reported_not_run(chain, tmp_path, monke
     assert perf["contenders"]["fragment"]["ssim_mean"] == rec.runs["fragment"].fidelity.ssim_mean
 
 
+def test_a_peer_that_refuses_the_pipeline_is_reported_and_the_cli_says_why(chain, tmp_path, monkeypatch):
+    def refuse(pipe, s):
+        raise RuntimeError("this pipeline has no [unet]")
+
+    fake = Peer("tomesd-r0.5", "json", "tomesd", "tomesd token merging, ratio 0.5", refuse, {"ratio": 0.5})
+    monkeypatch.setitem(peers_mod.FAMILIES, "tomesd", lambda: [fake])
+    missing = Peer("tgate-g40", "frag_no_such_module", "tgate", "T-GATE", lambda pipe, s: None, {"gate_fraction": 0.4})
+    monkeypatch.setitem(peers_mod.FAMILIES, "tgate", lambda: [missing])
+    fragment = private_copy(chain[2], tmp_path)
+    r = run_cli("bench", fragment, *FAST, "--peers", "tomesd,tgate", "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    rec = read_bench(tmp_path / "b" / "bench.json")
+    assert set(rec.runs) == {"full", "fragment"}
+    assert "refused this pipeline (RuntimeError: this pipeline has no [unet])" in rec.unavailable["runs.tomesd-r0.5"]
+    text = " ".join(r.output.split())
+    assert "tomesd-r0.5: not run" in text and "fragcli[peers]" in text  # printed as written, not as markup
+
+
 def test_an_unknown_peer_is_refused_before_anything_runs(chain, tmp_path):
     fragment = private_copy(chain[2], tmp_path)
     assert_one_line_error(run_cli("bench", fragment, *FAST, "--peers", "fastercache", "--out", tmp_path / "b"),

@@ -85,3 +85,17 @@ def test_image_check_skips_unavailable_metrics():
     assert check.passed and set(check.skipped) == {"clip_delta_max", "lpips_max"}
     bad = check_image({**good, "phash_distance": 30}, th)
     assert not bad.passed and bad.failures[0].startswith("phash_max")
+
+
+def test_tightened_moves_only_the_image_gates_towards_perfect():
+    from fragcli.thresholds import Thresholds
+
+    th = Thresholds()
+    t = th.tightened(0.25)
+    assert t.phash_max.value == pytest.approx(th.phash_max.value * 0.75)
+    assert t.clip_delta_max.value == pytest.approx(th.clip_delta_max.value * 0.75)
+    assert t.ssim_min.value == pytest.approx(th.ssim_min.value + 0.25 * (1 - th.ssim_min.value))
+    assert t.batch_speedup_min == th.batch_speedup_min and t.regression == th.regression
+    assert th.tightened(0.0) == th
+    with pytest.raises(ValueError):
+        th.tightened(1.0)

@@ -50,6 +50,8 @@ def bench(
     Example: frag bench fragments/demo --variants 32 --repeats 3 --out reports/demo/bench
               frag bench fragments/demo --variants 32 --peers deepcache,tgate,tomesd --no-memory
     """
+    from rich.markup import escape
+
     from fragcli.api import bench as run_bench
     from fragcli.console import err, print_json
 
@@ -73,7 +75,7 @@ def bench(
               f"{'never' if bm is None else f'{bm:.1f}'} crediting the profile's {rec.profile_images} images)")
     for peer in rec.peers:
         if f"runs.{peer}" in rec.unavailable:
-            err.print(f"{peer}: not run: {rec.unavailable[f'runs.{peer}']}")
+            err.print(escape(f"{peer}: not run: {rec.unavailable[f'runs.{peer}']}"))
     typer.echo(f"bench written to {result.path}")
 
 

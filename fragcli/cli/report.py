@@ -50,6 +50,7 @@ def _tables(summary: dict[str, Any]) -> None:
 
 
 def _bench_table(console, perf: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"bench ({perf.get('variants')} variants x {perf.get('repeats')} repeats, "
@@ -69,7 +70,7 @@ def _bench_table(console, perf: dict[str, Any]) -> None:
                       "-" if c.get("phash_mean") is None else f"{c['phash_mean']:.1f}",
                       "-" if c.get("pass_rate") is None else f"{c['pass_rate']:.0%}")
     for name, why in (perf.get("unavailable_contenders") or {}).items():
-        table.add_row(name, "-", f"not run: {why}", "-", "-", "-", "-")
+        table.add_row(escape(name), "-", escape(f"not run: {why}"), "-", "-", "-", "-")
     console.print(table)
     be, bm = perf.get("break_even_images"), perf.get("break_even_images_marginal")
     if be is not None or bm is not None:
