@@ -1,14 +1,16 @@
 """`frag bench`: the full model and a fragment side by side, in ONE process, interleaved; written as bench.json.
 
-Every contender (``runs``: the full model, the fragment; a later peer such as DeepCache is one more entry) stays
-loaded; the variants (seeds of the fragment's prompt) run in chunks of ``batch_size`` in the order A B, B A, ...
+Every contender (``runs``: the full model, the fragment, and each installed peer of ``--peers`` on its own copy of
+the full model, ``fragcli.peers``) stays loaded; the variants (seeds of the fragment's prompt) run in chunks of ``batch_size`` in the order A B, B A, ...
 (ABBA; with more contenders the order is reversed on every other chunk) so that drift on a shared machine hits all
 alike. The whole interleaved run is repeated ``repeats`` times; every number is a median over the repeats, with its
 range. Per contender: wall time per image, images/minute, resident weight bytes, the activation peak (peak RSS, or
 CUDA allocated memory, above what was resident when the chunk started), and its ratios against the ``baseline``
-(the full model). H4 reads the fragment's ``speedup``, H5 its ``break_even_images``.
+(the full model), and (``fidelity``) its first repeat's images against the full model's with frag validate's
+metrics. H4 reads the fragment's ``speedup``, H5 its ``break_even_images`` (and ``break_even_images_marginal``,
+which credits the profile's own full-model images).
 
-Memory, side by side (schema_version 3): every torch component of each pipeline with its device, dtypes, bytes and
+Memory, side by side (since schema_version 3): every torch component of each pipeline with its device, dtypes, bytes and
 parameters (an evicted text encoder: 0 bytes, ``evicted``), their sum ``resident_bytes`` (H2's weight reduction),
 the on-disk size (the fragment's artifacts; the base model's weight files), and, unless ``memory=False``, each
 side's peaks measured in a fresh process (``fragcli.memory_probe``: the load peak, the peak while generating, and
