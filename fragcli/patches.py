@@ -62,3 +62,17 @@ def swap_processors(root, patch: Patch, new: dict) -> None:
         old = module.processor
         module.set_processor(proc)
         patch.undo.append(lambda m=module, o=old: m.set_processor(o))
+
+
+def second_half(value, n: int):
+    """The second half of every tensor of batch size ``n`` in ``value`` (dicts, lists and tuples walked; anything
+    else unchanged): the conditional half of a classifier-free-guidance batch ``[uncond, cond]``."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value[n // 2 :] if value.dim() and value.shape[0] == n else value
+    if isinstance(value, dict):
+        return {k: second_half(v, n) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(second_half(v, n) for v in value)
+    return value

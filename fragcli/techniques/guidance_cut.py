@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fragcli.errors import FragError
-from fragcli.patches import Patch, apply_patch, installed, remove_patch
+from fragcli.patches import Patch, apply_patch, installed, remove_patch, second_half
 from fragcli.techniques.base import Collector, Plan, RuntimeTechnique, TechniqueConfig, TechniqueSummary
 
 PATCH = "frag.guidance_cut"
@@ -187,19 +187,6 @@ def read_error(profile, guidance: float) -> tuple[list[float], list[float]]:
 # ------------------------------------------------------------------------------------------------- runtime
 
 
-def _half(value, n: int):
-    """The conditional half of a batch-sized tensor (dicts and lists walked); anything else unchanged."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value[n // 2 :] if value.dim() and value.shape[0] == n else value
-    if isinstance(value, dict):
-        return {k: _half(v, n) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_half(v, n) for v in value)
-    return value
-
-
 def install_guidance_cut(denoiser, config: GuidanceCutConfig) -> Patch:
     """The runtime patch (idempotent; ``remove_guidance_cut`` undoes it). ``patch.state['guided']`` is the
     pipeline-side check (set by ``attach``: the pipeline's ``do_classifier_free_guidance``)."""
@@ -218,7 +205,7 @@ def install_guidance_cut(denoiser, config: GuidanceCutConfig) -> Patch:
                 return None
             st["cut_calls"] += 1
             st["n"] = n = sample.shape[0]
-            return _half(tuple(args), n), _half(dict(kwargs), n)
+            return second_half(tuple(args), n), second_half(dict(kwargs), n)
 
         def post(module, args, kwargs, output):
             if not st["cut"]:

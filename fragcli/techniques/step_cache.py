@@ -35,7 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fragcli.errors import FragError
-from fragcli.patches import Patch, apply_patch, remove_patch
+from fragcli.patches import Patch, apply_patch, remove_patch, second_half
 from fragcli.techniques.base import Plan, RuntimeTechnique, TechniqueConfig, TechniqueSummary
 
 PATCH = "frag.step_cache"
@@ -136,16 +136,6 @@ def halved(before: tuple | None, now: tuple | None) -> bool:
     return bool(before and now and len(before) == len(now) and before[0] == 2 * now[0] and before[1:] == now[1:])
 
 
-def _second_half(value, n: int):
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value[n // 2 :] if value.dim() and value.shape[0] == n else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_second_half(v, n) for v in value)
-    return value
-
-
 def install_step_cache(denoiser, config: StepCacheConfig, name: str = PATCH) -> Patch:
     """The runtime patch (idempotent: a second install returns the first; ``remove_step_cache`` undoes it).
 
@@ -173,7 +163,7 @@ def install_step_cache(denoiser, config: StepCacheConfig, name: str = PATCH) -> 
                 # the same generation on half the batch (a guidance cut dropped the unconditional half): the
                 # cached features keep their second, conditional half
                 n = st["shape"][0]
-                st["cache"].update({k: _second_half(v, n) for k, v in st["cache"].items()})
+                st["cache"].update({k: second_half(v, n) for k, v in st["cache"].items()})
                 st["shape"] = shape
             if st["t"] is None or t > st["t"] or shape != st["shape"]:  # a new generation
                 st["cache"].clear()
