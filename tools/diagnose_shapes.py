@@ -4,7 +4,8 @@
 On held-out single-shape scenes of the shapes world, the judge's colour x shape accuracy on:
   render          the rendered images themselves (the judge's ceiling)
   vae_roundtrip   the renders encoded and decoded by the shipped VAE (what the latent space can carry)
-  down16          the renders box-downsampled to 16x16 and upsampled back (the latent's resolution, no VAE)
+  down16, down32  the renders box-downsampled to 16x16 (the latent's resolution, no VAE) or 32x32 and upsampled
+                  back
   generated       the pipeline's images for the canonical captions, at several guidance scales
 and how well the frozen text encoder tells the prompts apart: for caption pairs that differ only in shape and
 pairs that differ only in colour, the mean cosine of the text encoder's token states (the UNet's context).
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
     renders = [world.render(s) for s in scenes]
     out = {"n": args.n, "render": _acc(judge, renders, scenes),
            "vae_roundtrip": _acc(judge, _roundtrip(pipe.vae, renders), scenes),
-           "down16": _acc(judge, [r.resize((16, 16), Image.BOX).resize((64, 64), Image.BILINEAR) for r in renders],
-                          scenes)}
+           **{f"down{side}": _acc(judge, [r.resize((side, side), Image.BOX).resize((64, 64), Image.BILINEAR)
+                                          for r in renders], scenes) for side in (32, 16)}}
     out.update(_text_separation(pipe, scenes))
     prompts = [world.canonical_caption(s) for s in scenes]
     for g in (float(x) for x in args.guidance.split(",")):
