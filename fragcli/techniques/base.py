@@ -74,6 +74,23 @@ class Applied:
     # low-rank energy target gives); the stack saves it in the manifest instead of the planned one
 
 
+def threshold_option(value, option: str, what: str, example: str, *, zero_ok: bool = False,
+                     below_one: bool = False) -> float:
+    """A threshold lever's value as a float, or the one-line FragError naming ``option`` (positive, or >= 0 with
+    ``zero_ok``; below 1 with ``below_one``)."""
+    import math
+
+    from fragcli.errors import FragError
+
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not math.isfinite(v) or (v < 0 if zero_ok else v <= 0) or (below_one and v >= 1):
+        raise FragError(f"{option} {value} is not {what}", f"pass e.g. {option} {example}")
+    return v
+
+
 @dataclass
 class Plan:
     """A planned config, and an optional record of how it was chosen, saved beside the manifest as ``file``."""

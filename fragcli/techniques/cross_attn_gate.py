@@ -24,7 +24,14 @@ from pydantic import Field
 
 from fragcli.errors import FragError
 from fragcli.patches import Patch, apply_patch, remove_patch
-from fragcli.techniques.base import Collector, Plan, RuntimeTechnique, TechniqueConfig, TechniqueSummary
+from fragcli.techniques.base import (
+    Collector,
+    Plan,
+    RuntimeTechnique,
+    TechniqueConfig,
+    TechniqueSummary,
+    threshold_option,
+)
 
 PATCH = "frag.cross_attn_gate"
 COLLECT = "frag.cross_attn_drift"
@@ -62,13 +69,7 @@ def cross_attention_modules(denoiser) -> list[str]:
 
 
 def check_threshold(value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not math.isfinite(v) or v <= 0:
-        raise FragError(f"--cross-attn-gate {value} is not a positive drift", "pass e.g. --cross-attn-gate 0.05")
-    return v
+    return threshold_option(value, "--cross-attn-gate", "a positive drift", "0.05")
 
 
 def gate_step(drift: list[float], threshold: float) -> int | None:

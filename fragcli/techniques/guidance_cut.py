@@ -33,7 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fragcli.errors import FragError
 from fragcli.patches import Patch, apply_patch, installed, remove_patch, second_half
-from fragcli.techniques.base import Collector, Plan, RuntimeTechnique, TechniqueConfig, TechniqueSummary
+from fragcli.techniques.base import (
+    Collector,
+    Plan,
+    RuntimeTechnique,
+    TechniqueConfig,
+    TechniqueSummary,
+    threshold_option,
+)
 
 PATCH = "frag.guidance_cut"
 COLLECT = "frag.guidance_gap"
@@ -72,14 +79,7 @@ class GuidanceCutConfig(TechniqueConfig):
 
 
 def check_threshold(value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not math.isfinite(v) or v <= 0:
-        raise FragError(f"--guidance-cut {value} is not a positive relative change",
-                        f"pass e.g. --guidance-cut {DEFAULT_THRESHOLD}")
-    return v
+    return threshold_option(value, "--guidance-cut", "a positive relative change", str(DEFAULT_THRESHOLD))
 
 
 def cut_step(error: list[float], threshold: float) -> int | None:

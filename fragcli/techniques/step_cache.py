@@ -36,7 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fragcli.errors import FragError
 from fragcli.patches import Patch, apply_patch, remove_patch, second_half
-from fragcli.techniques.base import Plan, RuntimeTechnique, TechniqueConfig, TechniqueSummary
+from fragcli.techniques.base import (
+    Plan,
+    RuntimeTechnique,
+    TechniqueConfig,
+    TechniqueSummary,
+    threshold_option,
+)
 
 PATCH = "frag.step_cache"
 DEFAULT_THRESHOLD = 0.02
@@ -88,14 +94,8 @@ def deep_modules(denoiser) -> tuple[str, list[str]]:
 
 
 def check_threshold(value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not math.isfinite(v) or v < 0 or v >= 1:
-        raise FragError(f"--step-cache {value} is not a drift in [0, 1)",
-                        f"pass e.g. --step-cache {DEFAULT_THRESHOLD} (reuse while the deep features drift <2%)")
-    return v
+    return threshold_option(value, "--step-cache", "a drift in [0, 1)",
+                            f"{DEFAULT_THRESHOLD} (reuse while the deep features drift <2%)", zero_ok=True, below_one=True)
 
 
 def schedule(drift: list[float], threshold: float, max_reuse: int) -> list[bool]:
