@@ -101,3 +101,19 @@ def test_generated_red_circle_matches_its_caption(pipe, judge):
         s = judge.score([img, img], ["a red circle", "a blue square"])
         margins.append(float(s[0] - s[1]))
     assert sum(m > 0 for m in margins) >= 2 and sum(margins) > 0, margins
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12 open: the shipped v1 model draws the colour but not the shape")
+def test_generated_images_show_the_asked_shape_and_colour(pipe, judge):
+    """shapes v2 draws what it is asked: on 10 held-out prompts (two per shape) the judge recognises the asked shape
+    and colour in most images (chance: 0.2 for the shape, 0.125 for the colour; the v1 model scored 0.2 on shape)."""
+    scenes = world.heldout_single_scenes(10, seed=11)
+    assert {s.objects[0].shape for s in scenes} == set(world.SHAPES)
+    guidance = json.loads((PIPE / "frag.json").read_text())["default_guidance"]
+    gens = [torch.Generator().manual_seed(500 + i) for i in range(len(scenes))]
+    images = pipe([world.canonical_caption(s) for s in scenes], num_inference_steps=20, guidance_scale=guidance,
+                  height=64, width=64, generator=gens).images
+    pred = [world.class_of_index(i) for i in judge.classify(images, world.class_texts()).tolist()]
+    shape_ok = sum(p[1] == s.objects[0].shape for p, s in zip(pred, scenes, strict=True))
+    color_ok = sum(p[0] == s.objects[0].color for p, s in zip(pred, scenes, strict=True))
+    assert shape_ok >= 6 and color_ok >= 8, (shape_ok, color_ok, pred)

@@ -10,7 +10,7 @@ On held-out single-shape scenes of the shapes world, the judge's colour x shape 
 and how well the frozen text encoder tells the prompts apart: for caption pairs that differ only in shape and
 pairs that differ only in colour, the mean cosine of the text encoder's token states (the UNet's context).
 
-    python tools/diagnose_shapes.py [--n 200] [--guidance 2.5,5,8] [--json]
+    python tools/diagnose_shapes.py [--n 200] [--guidance 2.5,5,8] [--json] [--model FOLDER]
 """
 
 from __future__ import annotations
@@ -74,11 +74,13 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--guidance", default="2.5,5,8")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--model", default=None, help="a pipeline folder (default: the shipped fragcli/models/shapes)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from eval_shapes import generate, load_judge_model, load_pipeline
 
-    pipe, judge = load_pipeline(), load_judge_model()
+    pipe = load_pipeline(Path(args.model)) if args.model else load_pipeline()
+    judge = load_judge_model()
     scenes = world.heldout_single_scenes(args.n, seed=1)
     renders = [world.render(s) for s in scenes]
     out = {"n": args.n, "render": _acc(judge, renders, scenes),
