@@ -7,8 +7,8 @@ On held-out single-shape scenes of the shapes world, the judge's colour x shape 
   down16, down32  the renders box-downsampled to 16x16 (the latent's resolution, no VAE) or 32x32 and upsampled
                   back
   generated       the pipeline's images for the canonical captions, at several guidance scales
-and how well the frozen text encoder tells the prompts apart: for caption pairs that differ only in shape and
-pairs that differ only in colour, the mean cosine of the text encoder's token states (the UNet's context).
+and how well the frozen text encoder tells the prompts apart: for caption pairs that differ only in shape, colour,
+size or position, the mean cosine of the text encoder's token states at the tokens that differ (the UNet's context).
 
     python tools/diagnose_shapes.py [--n 200] [--guidance 2.5,5,8] [--json] [--model FOLDER]
 """
@@ -49,24 +49,37 @@ def _roundtrip(vae, images):
     return [Image.fromarray(a) for a in arr]
 
 
-def _text_separation(pipe, scenes) -> dict:
-    """Mean cosine of flattened token states: captions differing only in shape vs only in colour."""
+SWAPS = {"shape": [(a, b) for a in world.SHAPES for b in world.SHAPES if a != b],
+         "color": [(f" {a} ", f" {b} ") for a in world.COLORS for b in world.COLORS if a != b],
+         "size": [("large", "small"), ("small", "large")],
+         "position": [("at the top left", "at the bottom right"), ("on the left", "on the right"),
+                      ("at the top right", "at the bottom left"), ("at the top", "at the bottom")]}
+
+
+def text_separation(text_encoder, tokenizer, scenes) -> dict:
+    """How differently the text encoder states the words the UNet must tell apart: for caption pairs that differ in
+    one attribute (shape, colour, size, position), the mean cosine of the token states at the tokens that differ
+    (1.0: the UNet's context does not change at all, so it cannot learn that attribute)."""
     def enc(texts):
-        tok = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
         with torch.no_grad():
-            return pipe.text_encoder(tok.input_ids)[0].flatten(1)
+            return ids, text_encoder(ids)[0].float()
 
     base = [world.canonical_caption(s) for s in scenes[:50]]
-    other_shape, other_color = [], []
-    for text in base:
-        shape = next(w for w in text.split() if w in world.SHAPES)
-        color = next(w for w in text.split() if w in world.COLORS)
-        other_shape.append(text.replace(shape, next(s for s in world.SHAPES if s != shape), 1))
-        other_color.append(text.replace(f" {color} ", f" {next(c for c in world.COLORS if c != color)} ", 1))
-    e, es, ec = enc(base), enc(other_shape), enc(other_color)
-    cos = torch.nn.functional.cosine_similarity
-    return {"text_cos_shape_swapped": float(cos(e, es).mean()), "text_cos_color_swapped": float(cos(e, ec).mean())}
+    out = {}
+    for attr, swaps in SWAPS.items():
+        pairs = []
+        for text in base:
+            for a, b in swaps:
+                if a in f" {text} ":
+                    pairs.append((text, text.replace(a.strip() if attr == "shape" else a, b.strip() if attr == "shape" else b, 1)))
+                    break
+        (ia, ha), (ib, hb) = enc([p[0] for p in pairs]), enc([p[1] for p in pairs])
+        diff = ia != ib
+        cos = torch.nn.functional.cosine_similarity(ha, hb, dim=-1)
+        out[f"text_token_cos_{attr}_swapped"] = float(cos[diff].mean()) if diff.any() else 1.0
+    return out
 
 
 def main(argv=None) -> int:
@@ -87,7 +100,7 @@ def main(argv=None) -> int:
            "vae_roundtrip": _acc(judge, _roundtrip(pipe.vae, renders), scenes),
            **{f"down{side}": _acc(judge, [r.resize((side, side), Image.BOX).resize((64, 64), Image.BILINEAR)
                                           for r in renders], scenes) for side in (32, 16)}}
-    out.update(_text_separation(pipe, scenes))
+    out.update(text_separation(pipe.text_encoder, pipe.tokenizer, scenes))
     prompts = [world.canonical_caption(s) for s in scenes]
     for g in (float(x) for x in args.guidance.split(",")):
         imgs = generate(pipe, prompts, [100_000 + i for i in range(args.n)], g)
