@@ -47,3 +47,20 @@ def test_text_separation_is_one_for_an_encoder_that_ignores_the_words(tmp_path):
     torch.manual_seed(0)
     real = diagnose_shapes.text_separation(CLIPTextModel(CLIPTextConfig(**train_shapes.TEXT_CFG)).eval(), tok, scenes)
     assert all(v < 0.999 for v in real.values()), real  # token embeddings differ per word, so the states do
+
+
+def test_layout_accuracy_reads_position_and_size_from_the_image():
+    import dataclasses
+
+    import eval_shapes
+
+    scenes = world.heldout_single_scenes(40, seed=2)
+    renders = [world.render(s) for s in scenes]
+    assert eval_shapes.layout_accuracy(renders, scenes, "r") == {"r_position_accuracy": 1.0, "r_size_accuracy": 1.0}
+    mirrored = eval_shapes.layout_accuracy([im.transpose(0) for im in renders], scenes, "m")  # left <-> right
+    assert mirrored["m_position_accuracy"] < 0.6 and mirrored["m_size_accuracy"] == 1.0
+    other = {"small": "large", "large": "small"}
+    resized = [world.render(dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], size=other[s.objects[0].size]),)))
+               for s in scenes]
+    swapped = eval_shapes.layout_accuracy(resized, scenes, "s")
+    assert swapped["s_size_accuracy"] == 0.0 and swapped["s_position_accuracy"] == 1.0

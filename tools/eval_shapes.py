@@ -6,7 +6,8 @@ Metrics (all on held-out scenes of the shapes world, see ``fragcli.shapes.world`
                             for real (rendered) held-out single-shape images (goal >= 0.95)
   generation_accuracy       fraction of held-out single-shape prompts (canonical wording) whose generated image the
                             judge puts in the prompt's colour x shape class (goal >= 0.80); colour and shape
-                            accuracies are reported separately (goals >= 0.80 shape, >= 0.95 colour)
+                            accuracies are reported separately (goals >= 0.80 shape, >= 0.95 colour), and so are
+                            position and size accuracy (object centroid in the asked 3x3 cell, object area), no goal
   paraphrase_consistency    for held-out paraphrase families (canonical + held-out wordings), the fraction of
                             families whose wordings (same seed) all land in the same judged class (goal >= 0.6)
   timings                   seconds per image (20 steps + CFG, batch 1, median of repeats) and batched throughput
@@ -17,7 +18,9 @@ Metrics (all on held-out scenes of the shapes world, see ``fragcli.shapes.world`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -105,8 +108,48 @@ def generation_accuracy(pipe, judge, n: int = 200, guidance: float = 5.0, seed: 
     gen_s = time.time() - t0
     pred = judge.classify(images, world.class_texts()).tolist()
     out = _class_stats(pred, [s.class_index for s in scenes], prefix="generation")
+    out.update(layout_accuracy(images, scenes, prefix="generation"))
     out["generation_batched_seconds_per_image"] = gen_s / n
     return out
+
+
+def _object_mask(image, background: str):
+    import numpy as np
+
+    x = np.asarray(image, dtype=np.float32)
+    return np.abs(x - np.array(world.COLORS[background], dtype=np.float32)).sum(-1) > 90
+
+
+@functools.cache
+def _size_cut(shape: str) -> float:
+    """The object area (pixels) between a small and a large ``shape`` as rendered (geometric mean)."""
+    areas = [float(_object_mask(world.render(world.Scene((world.Obj(shape, "black", size, "center"),), "white")),
+                                "white").sum()) for size in world.SIZES]
+    return math.sqrt(areas[0] * areas[1])
+
+
+def layout_of(image, background: str, shape: str) -> tuple[str, str] | None:
+    """(position, size) of the one object in a single-shape image: the centroid of the pixels far from the
+    background colour, snapped to the 3x3 grid, and their area against a small and a large ``shape``'s; None if
+    there is no object."""
+    import numpy as np
+
+    mask = _object_mask(image, background)
+    if mask.sum() < 5:
+        return None
+    ys, xs = np.nonzero(mask)
+    col = int(np.argmin([abs(xs.mean() - c) for c in world.GRID_CENTERS]))
+    row = int(np.argmin([abs(ys.mean() - c) for c in world.GRID_CENTERS]))
+    position = next(name for name, cell in world.POSITIONS.items() if cell == (col, row))
+    return position, "small" if mask.sum() < _size_cut(shape) else "large"
+
+
+def layout_accuracy(images, scenes, prefix: str) -> dict:
+    """Share of single-shape images whose object sits in the asked grid cell and has the asked size."""
+    found = [layout_of(im, s.background, s.objects[0].shape) for im, s in zip(images, scenes, strict=True)]
+    objs = [s.objects[0] for s in scenes]
+    return {f"{prefix}_position_accuracy": sum(f is not None and f[0] == o.position for f, o in zip(found, objs, strict=True)) / len(objs),
+            f"{prefix}_size_accuracy": sum(f is not None and f[1] == o.size for f, o in zip(found, objs, strict=True)) / len(objs)}
 
 
 def paraphrase_consistency(pipe, judge, n: int = 30, guidance: float = 5.0, seed: int = 0, size: int = 4) -> dict:
