@@ -50,7 +50,7 @@ test: setup
 	$(MAKE) --no-print-directory gate
 	$(PY) -m pytest -q
 
-# The shapes v2 recipe, fresh and reproducible: one process, 2 torch threads, fixed steps and seeds (about 55 min
+# The shapes v2 recipe, fresh and reproducible: one process, 2 torch threads, fixed steps and seeds (about 100 min
 # on 2 cores). Writes tools/out/shapes/pipeline and its training_report.json; the shipped model is replaced only by
 # `python tools/train_shapes.py --stage finish --install`. The judge (the measuring instrument): `make train-judge`.
 train-shapes: setup

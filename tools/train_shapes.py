@@ -3,10 +3,12 @@
 
 Stages (``--stage``, comma-separated, or a group below):
   text          a small transformers ``CLIPModel`` (ViT image tower + text tower) trained contrastively, plus a
-                shape/colour classification loss on the text tower's mean token state (``--text-attr-weight``);
-                the text tower becomes the pipeline's frozen ``CLIPTextModel``
-  vae           a small ``AutoencoderKL`` (64x64x3 -> 32x32x4); caches the latents of the training images and sets
-                ``scaling_factor`` = 1 / latent std
+                multi-hot prediction of every attribute a full caption names (shapes, colours, sizes, positions,
+                background) from the text tower's mean token state (``--text-attr-weight``); the text tower becomes
+                the pipeline's frozen ``CLIPTextModel``
+  vae           a small ``AutoencoderKL`` (64x64x3 -> 32x32x4) trained on random 32-pixel crops; records the
+                judge's accuracy on held-out renders after the round trip; caches the latents of the training
+                images and sets ``scaling_factor`` = 1 / latent std
   vaedec        optional: fine-tunes the VAE decoder only (encoder, hence the latent space, frozen)
   unet          a ``UNet2DConditionModel`` (cross-attention in 5 blocks, 4 heads per module, the pooled caption
                 added to the time embedding) on the latents, v-prediction, cosine schedule, min-SNR-style weighting,
