@@ -219,8 +219,8 @@ def stage_text(args) -> None:
             txt = F.normalize(out.text_embeds, dim=-1)
             loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp().clamp(max=100), texts)
             if args.text_attr_weight:
-                # v2: the contrastive loss alone taught the tower colour only: its token states for "circle" and
-                # "square" had cosine 0.98, for "center" and "top left" 0.95 (its ViT hardly sees shapes), so the
+                # v2: the contrastive loss alone taught the tower colour only: at the word that differs its token
+                # states had cosine 0.91 for a shape swap, 0.98 for a position swap (its ViT hardly sees shapes), so the
                 # UNet could not learn shape or position. Every attribute a full wording names (shapes, colours,
                 # sizes, positions, background) is also predicted from the mean token state (multi-hot).
                 sel = [k for k, f in enumerate(full) if f]
@@ -527,23 +527,20 @@ def stage_unet(args) -> None:
 
 # ---- stage: assemble ----------------------------------------------------------------------------------------------
 def stage_assemble(args) -> None:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from fragcli.models.tokenizer import build_clip_tokenizer
 
-    tok = build_clip_tokenizer(WORK / "tokenizer")
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(WORK / "vae"), text_encoder=CLIPTextModel.from_pretrained(WORK / "text_encoder"),
-        tokenizer=tok,
-        unet=UNet2DConditionModel.from_pretrained(WORK / "unet"), scheduler=DDIMScheduler(**SCHED_CFG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = _pipeline(UNet2DConditionModel.from_pretrained(WORK / "unet"),
+                     CLIPTextModel.from_pretrained(WORK / "text_encoder"), AutoencoderKL.from_pretrained(WORK / "vae"),
+                     build_clip_tokenizer(WORK / "tokenizer"))
     pipe.to(torch.float16)
     tmp = PIPE_DIR.with_name(".shapes.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    # keep files that are not part of the pipeline itself (frag.json, training report)
-    for name in ("frag.json", "training_report.json"):
+    # keep files that are not part of the pipeline itself (frag.json, training report, grid)
+    for name in ("frag.json", "training_report.json", "shapes_grid.png"):
         if (PIPE_DIR / name).is_file():
             shutil.copy2(PIPE_DIR / name, tmp / name)
     if not (tmp / "frag.json").is_file():
