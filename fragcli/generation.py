@@ -100,31 +100,52 @@ def generator_for(seed: int, device: str):
     return torch.Generator(gen_device).manual_seed(int(seed))
 
 
+def call_options(pipe) -> dict:
+    """Keyword arguments that make every pipeline generate what was asked: resolution binning off (PixArt would
+    render 64x64 at 256x256 and resize)."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    return {"use_resolution_binning": False} if "use_resolution_binning" in params else {}
+
+
+def denoiser_of(pipe):
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+
+
 def run_batch(pipe, s: GenSettings, seeds: list[int], device: str, prompt: str | None = None,
               on_step: Callable[[], None] | None = None):
-    """One pipeline call for ``seeds`` (one generator per image, so an image does not depend on its batch)."""
+    """One pipeline call for ``seeds`` (one generator per image, so an image does not depend on its batch).
+
+    ``on_step`` is called after every denoiser call. Without a negative prompt none is passed, so each pipeline
+    uses its own default (SDXL: zeroed negative embeddings, ``force_zeros_for_empty_prompt``; PixArt: ``""``).
+    """
     import torch
 
-    kwargs = {}
+    kwargs = call_options(pipe)
+    if s.negative_prompt:
+        kwargs["negative_prompt"] = [s.negative_prompt] * len(seeds)
+    handle = None
     if on_step is not None:
-        def _cb(_pipe, _i, _t, cb_kwargs):
-            on_step()
-            return cb_kwargs
-
-        kwargs["callback_on_step_end"] = _cb
+        den = denoiser_of(pipe)
+        if den is not None:
+            handle = den.register_forward_hook(lambda _module, _args, _out: on_step())
     n = len(seeds)
-    with torch.inference_mode():
-        out = pipe(
-            prompt=[prompt or s.prompt] * n,
-            negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
-            num_inference_steps=s.steps,
-            guidance_scale=s.guidance,
-            width=s.width,
-            height=s.height,
-            generator=[generator_for(seed, device) for seed in seeds],
-            output_type="pil",
-            **kwargs,
-        )
+    try:
+        with torch.inference_mode():
+            out = pipe(
+                prompt=[prompt or s.prompt] * n,
+                num_inference_steps=s.steps,
+                guidance_scale=s.guidance,
+                width=s.width,
+                height=s.height,
+                generator=[generator_for(seed, device) for seed in seeds],
+                output_type="pil",
+                **kwargs,
+            )
+    finally:
+        if handle is not None:
+            handle.remove()
     return out.images
 
 

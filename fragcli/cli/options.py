@@ -13,7 +13,7 @@ Model = Annotated[
         "--model",
         "-m",
         help="Model: a diffusers folder, a .safetensors checkpoint, a Hugging Face id in the local cache, "
-        "or a built-in: shapes (default when shipped), tiny, random:sd15, random:sdxl.",
+        "or a built-in: shapes (default when shipped), tiny, tiny-sdxl, tiny-sd3, tiny-flux, tiny-pixart, random:sd15.",
         show_default=False,
     ),
 ]

@@ -1,5 +1,6 @@
-"""Built-in models: `tiny` (configs + seeded random weights, cached on disk) and `random:sd15` (the real SD 1.5
-architecture with seeded random weights, built in memory, for speed and memory measurements only)."""
+"""Built-in models: `tiny` (configs + seeded random weights, cached on disk), `tiny-sdxl`, `tiny-sd3`, `tiny-flux`,
+`tiny-pixart` (the same for the other architectures, ``tiny_archs``) and `random:sd15` (the real SD 1.5 architecture
+with seeded random weights, built in memory, for speed and memory measurements only)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,18 @@ def build_random_sd15():
 
 
 BUILDERS = {"tiny": build_tiny, "random:sd15": build_random_sd15}
+
+
+def _register_archs() -> None:
+    from fragcli.models.tiny_archs import ARCH_BUILDERS, ARCH_DEFAULTS
+
+    for name, builder in ARCH_BUILDERS.items():
+        BUILTINS[name] = Builtin(name, f"{builder.__doc__.splitlines()[0]} (tiny, seeded random weights)",
+                                 ARCH_DEFAULTS[name], True)
+        BUILDERS[name] = builder
+
+
+_register_archs()
 
 
 def builtin_folder(name: str) -> Path:

@@ -151,7 +151,10 @@ def install_guidance_gap(denoiser, recorder) -> Patch:
             if not guided_batch(sample):
                 return
             with torch.no_grad():
-                u, c = _prediction(output).detach().to(torch.float64).chunk(2)
+                pred = _prediction(output).detach().to(torch.float64)
+                if pred.ndim == sample.ndim and pred.shape[1] == 2 * sample.shape[1]:
+                    pred = pred[:, : sample.shape[1]]  # learned variance (PixArt): the first half is the noise
+                u, c = pred.chunk(2)
                 diff = (c - u).norm()
                 eps_gap = float(diff / c.norm().clamp_min(1e-12))
                 got = _x0_scale(getattr(recorder, "scheduler", None), t, sample.chunk(2)[1].to(torch.float64), c)
