@@ -49,7 +49,7 @@ HEAD_DOCS = {
     "module": "dotted name of the diffusers `Attention` module inside the denoiser, e.g. "
               "`down_blocks.0.attentions.0.transformer_blocks.0.attn1`",
     "block": "the enclosing top-level block, e.g. `down_blocks.0`",
-    "kind": "`self` | `cross`",
+    "kind": "`self` | `cross` | `joint` (image and context tokens attend together: SD3, Flux)",
     "head": "head index in the module, 0-based",
     "heads": "heads in that module",
     "seed": "generation seed",

@@ -5,7 +5,8 @@ Per head h (output of attention before ``to_out``: x_h, tokens x head_dim) it re
 - ``energy_post`` = RMS(x_h W_h^T) over batch x tokens x out_dim, W_h the head's input columns of ``to_out[0]``
   (computed exactly as sqrt(mean(x_h G_h x_h^T)/out_dim) with G_h = W_h^T W_h, cheaper than the product);
 - ``entropy``     = attention entropy / log(keys), averaged over sampled (or all) query rows and the batch.
-Modules whose processor is not the default one are profiled for energy only, by a hook on ``to_out[0]``.
+Modules whose processor is not the default one are profiled for energy only, by a hook on ``to_out[0]`` (for joint
+attention, SD3 / Flux, that is the image tokens' output; kind ``joint``).
 """
 
 from __future__ import annotations
@@ -156,20 +157,40 @@ def _energy_hook(name: str, attn, recorder: Recorder):
             x = args[0]
             x = x.reshape(x.shape[0], -1, x.shape[-1])
             pre, post = head_energies(x.detach(), attn.heads, module.weight)
-            kind = "cross" if getattr(attn, "is_cross_attention", False) else "self"
+            kind = attention_kind(attn)
             recorder.add_heads(name, kind, pre.tolist(), post.tolist(), [float("nan")] * attn.heads)
 
     return hook
 
 
-def install_profiler(denoiser, recorder: Recorder) -> Patch:
-    """Install the profiling processors (idempotent); ``remove_profiler`` restores the original processors."""
+def attention_kind(attn) -> str:
+    """``joint`` for attention over image and context tokens together (SD3's MMDiT, Flux's dual-stream blocks:
+    they project the context with ``add_q_proj``), else ``cross`` or ``self``."""
+    if getattr(attn, "add_q_proj", None) is not None:
+        return "joint"
+    return "cross" if getattr(attn, "is_cross_attention", False) else "self"
+
+
+def _is_attention(module) -> bool:
+    """diffusers' ``Attention`` and the newer per-model attention classes (``FluxAttention``, ...)."""
     from diffusers.models.attention_processor import Attention
+
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+    except ImportError:  # older diffusers: every attention is an ``Attention``
+        AttentionModuleMixin = Attention
+    return isinstance(module, (Attention, AttentionModuleMixin))
+
+
+def install_profiler(denoiser, recorder: Recorder) -> Patch:
+    """Install the profiling processors (idempotent); ``remove_profiler`` restores the original processors.
+    Attention without ``to_out`` (Flux's single-stream blocks, whose output projection is shared with the MLP) is
+    not profiled per head yet."""
 
     def install(patch: Patch) -> None:
         procs = {}
         for name, module in denoiser.named_modules():
-            if not isinstance(module, Attention) or not hasattr(module, "to_out"):
+            if not _is_attention(module) or getattr(module, "to_out", None) is None:
                 continue
             if _mirrored(module.processor):
                 procs[name] = ProfilingAttnProcessor(name, recorder, module.processor)
