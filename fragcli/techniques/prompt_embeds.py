@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from fragcli.errors import FragError
+from fragcli.generation import denoiser_of
 from fragcli.patches import Patch, apply_patch, remove_patch
 from fragcli.techniques.base import Applied, Plan, Technique, TechniqueConfig, TechniqueSummary
 
@@ -236,7 +237,7 @@ def install_cache(pipe, config: PromptEmbedsConfig, tensors: dict[str, Any], evi
 
     def install(patch: Patch) -> None:
         original = pipe.encode_prompt
-        den = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        den = denoiser_of(pipe)
         dtype = next(den.parameters()).dtype if den is not None else None
         stored = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t) for k, t in tensors.items()}
         patch.state = {"hits": 0, "misses": 0, "evicted": False}
