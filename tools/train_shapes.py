@@ -720,7 +720,7 @@ def main(argv=None) -> int:
     p.add_argument("--text-steps", type=int, default=400)
     p.add_argument("--text-batch", type=int, default=256)
     p.add_argument("--text-lr", type=float, default=1e-3)
-    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-crop", type=int, default=32, help="train the VAE on random crops of this side (64: whole)")
     p.add_argument("--vae-lr", type=float, default=1e-3)
@@ -729,14 +729,14 @@ def main(argv=None) -> int:
     p.add_argument("--vaedec-lr", type=float, default=5e-4)
     p.add_argument("--vaedec-noise", type=float, default=0.05, help="latent noise (x latent std) while fine-tuning")
     p.add_argument("--vaedec-max-minutes", type=float, default=11.0)
-    p.add_argument("--unet-steps", type=int, default=2600)
-    p.add_argument("--unet-batch", type=int, default=48)
+    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--text-joint-lr-scale", type=float, default=0.0,
                    help="train the text encoder with the UNet at this share of --unet-lr (0: frozen; 0.5 collapsed it:"
                         " token-state cosine 0.99 between shape-swapped captions)")
     p.add_argument("--text-attr-weight", type=float, default=5.0,
                    help="weight of the shape/colour classification loss on the text tower's mean token state")
-    p.add_argument("--probe-every", type=int, default=1300, help="unet steps between learning-curve probes (0: none)")
+    p.add_argument("--probe-every", type=int, default=2000, help="unet steps between learning-curve probes (0: none)")
     p.add_argument("--probe-prompts", type=int, default=40)
     p.add_argument("--probe-guidance", type=float, default=4.0)
     p.add_argument("--unet-lr", type=float, default=6e-4)
