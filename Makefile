@@ -52,9 +52,10 @@ test: setup
 
 # The shapes v2 recipe, fresh and reproducible: one process, 2 torch threads, fixed steps and seeds (about 100 min
 # on 2 cores). Writes tools/out/shapes/pipeline and its training_report.json; the shipped model is replaced only by
-# `python tools/train_shapes.py --stage finish --install`. The judge (the measuring instrument): `make train-judge`.
+# `python tools/train_shapes.py --stage finish --install`. Interrupted? Run it again: it resumes from the last
+# checkpoint (FRESH=1 starts over). The judge (the measuring instrument): `make train-judge`.
 train-shapes: setup
-	nice -n 10 $(PY) tools/train_shapes.py --stage all --log reports/train-shapes.log
+	nice -n 10 $(PY) tools/train_shapes.py --stage all --log reports/train-shapes.log $(if $(FRESH),--fresh)
 
 train-judge: setup
 	nice -n 10 $(PY) tools/train_shapes.py --stage judges --log reports/train-judge.log

@@ -13,7 +13,7 @@ Stages (``--stage``, comma-separated, or a group below):
   unet          a ``UNet2DConditionModel`` (cross-attention in 5 blocks, 4 heads per module, the pooled caption
                 added to the time embedding) on the latents, v-prediction, cosine schedule, min-SNR-style weighting,
                 object pixels weighted (``--object-weight``), 10% caption dropout (CFG), EMA; fixed step count; a learning-curve probe every ``--probe-every``
-                steps; checkpoints every 250 steps (``--resume`` continues an interrupted run)
+                steps
   assemble      the ``StableDiffusionPipeline`` (fp16 safetensors) -> ``tools/out/shapes/pipeline``
                 (``--install``: ``fragcli/models/shapes``, the shipped model)
   eval          guidance sweep + ``tools/eval_shapes.py``; writes ``frag.json``, ``training_report.json`` (every
@@ -30,6 +30,12 @@ steps); ``pipeline`` = text,vae,unet; ``finish`` = assemble,eval; ``judges`` = j
     python tools/train_shapes.py --stage finish --install         # replace the shipped model with it
 
 Intermediate files live in ``tools/out/shapes`` (git-ignored); every stage writes ``stage-<name>.json`` there.
+
+Interruptions: the training stages (text, vae, vaedec, unet) write a checkpoint every ``--ckpt-every`` steps
+(safetensors: weights, EMA, optimizer, torch generator states; the Python RNG states, losses and CPU time in its
+metadata; ``tools/train_ckpt.py``), and the eval keeps each finished measurement. Rerunning the same command resumes
+from there, skips stages already finished with the same settings, and ends with the same weights as an uninterrupted
+run (``tests/test_train_resume.py``); a checkpoint made with other settings is refused (``--fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from rich.progress import (  # noqa: E402
 )
 
 from fragcli.shapes import world  # noqa: E402
+from train_ckpt import Checkpoint, fingerprint  # noqa: E402
 
 SHIPPED_DIR = ROOT / "fragcli" / "models" / "shapes"
 PIPE_DIR = SHIPPED_DIR  # where assemble/eval write: tools/out/shapes/pipeline unless --install (set in main)
@@ -140,12 +147,62 @@ def set_lr(opt, lr: float) -> None:
 
 def write_stage(name: str, info: dict) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
-    (WORK / f"stage-{name}.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    tmp = WORK / f"stage-{name}.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, WORK / f"stage-{name}.json")
 
 
 def read_stage(name: str) -> dict | None:
-    p = WORK / f"stage-{name}.json"
+    return read_stage_at(WORK, name)
+
+
+def read_stage_at(work: Path, name: str) -> dict | None:
+    p = Path(work) / f"stage-{name}.json"
     return json.loads(p.read_text()) if p.is_file() else None
+
+
+# ---- resumable stages --------------------------------------------------------------------------------------------
+# The settings that decide each stage's result, and the stages it builds on: a stage's fingerprint hashes both, so a
+# checkpoint or a finished stage is reused only by a run that would have produced the same thing.
+STAGE_KEYS = {
+    "text": ("seed", "n_images", "text_steps", "text_batch", "text_lr", "text_attr_weight"),
+    "vae": ("seed", "n_images", "vae_steps", "vae_batch", "vae_crop", "vae_lr", "vae_kl"),
+    "vaedec": ("seed", "n_images", "vae_batch", "vaedec_steps", "vaedec_lr", "vaedec_noise", "vaedec_max_minutes"),
+    "unet": ("seed", "n_images", "unet_steps", "unet_batch", "unet_lr", "text_joint_lr_scale", "ema", "min_snr",
+             "cfg_dropout", "object_weight", "probe_every", "probe_prompts", "probe_guidance"),
+    "eval": ("guidance_sweep", "sweep_prompts", "eval_zero_shot", "eval_prompts", "eval_families"),
+}
+STAGE_DEPS = {"vaedec": ("vae",), "unet": ("text", "vae"), "eval": ("unet",)}
+RESUMABLE = ("text", "vae", "vaedec", "unet")  # loop stages: checkpointed, skipped once finished
+_STAGE_CPU0 = 0.0  # process_time() when the current stage (this attempt) started
+
+
+class SimulatedKill(BaseException):
+    """Raised by ``--interrupt-after STAGE:STEP`` (tests): the run stops as a kill would, between checkpoints."""
+
+
+def stage_fingerprint(name: str, args) -> str:
+    settings = vars(args)
+    deps = [stage_fingerprint(d, args) for d in STAGE_DEPS.get(name, ())]
+    return fingerprint({**{k: settings[k] for k in STAGE_KEYS[name]}, "_deps": deps}, [*STAGE_KEYS[name], "_deps"])
+
+
+def stage_checkpoint(name: str, args) -> Checkpoint:
+    return Checkpoint(WORK / f"{name}_ckpt.safetensors", stage_fingerprint(name, args))
+
+
+def cpu_so_far(before: float) -> float:
+    return before + time.process_time() - _STAGE_CPU0
+
+
+def maybe_interrupt(args, name: str, steps_done: int) -> None:
+    if args.interrupt_after == f"{name}:{steps_done}":
+        log(f"simulated kill after {name} step {steps_done}")
+        raise SimulatedKill(args.interrupt_after)
+
+
+def loop_checkpoint(args, name: str, steps_done: int, total: int) -> bool:
+    return steps_done % args.ckpt_every == 0 and steps_done < total
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -203,10 +260,18 @@ def stage_text(args) -> None:
                             weight_decay=0.05)
     mean = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
     r = random.Random(args.seed + 11)
-    losses, t0 = [], time.time()
+    losses, t0, start, before, cpu_before = [], time.time(), 0, 0.0, 0.0
+    ck = stage_checkpoint("text", args)
+    modules = {"model": model, "attr_head": attr_head, "opt": opt}
+    state = ck.load()
+    if state is not None:
+        Checkpoint.restore(state, modules, pyrngs={"r": r})
+        start, losses = state["step"], state["extra"]["losses"]
+        before, cpu_before = state["extra"]["seconds"], state["extra"]["cpu_seconds"]
+        log(f"text: resumed at step {start}")
     with progress() as prog:
-        task = prog.add_task("text CLIP", total=args.text_steps, info="")
-        for step in range(args.text_steps):
+        task = prog.add_task("text CLIP", total=args.text_steps, completed=start, info="")
+        for step in range(start, args.text_steps):
             set_lr(opt, lr_at(step, args.text_steps, args.text_lr, 30))
             idx = [r.randrange(len(scenes)) for _ in range(args.text_batch)]
             full = [r.random() >= 0.25 for _ in idx]  # full wordings name every attribute; partial ones do not
@@ -237,14 +302,20 @@ def stage_text(args) -> None:
                 prog.update(task, completed=step + 1, info=f"loss {avg:.3f}")
                 if step % 50 == 0 or step == args.text_steps - 1:
                     log(f"text step {step} loss {avg:.4f}")
-    elapsed = time.time() - t0
+            if loop_checkpoint(args, "text", step + 1, args.text_steps):
+                ck.save(step + 1, modules, pyrngs={"r": r},
+                        extra={"losses": losses, "seconds": before + time.time() - t0, "cpu_seconds": cpu_so_far(cpu_before)})
+            maybe_interrupt(args, "text", step + 1)
+    elapsed = before + time.time() - t0
     out_dir = WORK / "text_clip"
     model.save_pretrained(out_dir, safe_serialization=True)
     import diagnose_shapes
 
-    separation = diagnose_shapes.text_separation(load_text_encoder(), tok, world.heldout_single_scenes(50, seed=1))
+    separation = (diagnose_shapes.text_separation(load_text_encoder(), tok, world.heldout_single_scenes(50, seed=1))
+                  if not args.skip_diagnostics else None)
     log(f"text token separation: {separation}")
     write_stage("text", {"steps": args.text_steps, "batch": args.text_batch, "lr": args.text_lr, "seconds": elapsed,
+                         "resumed_at_step": start or None, "resumed_cpu_seconds": cpu_before, "resumed_seconds": before,
                          "attribute_loss_weight": args.text_attr_weight, "token_separation": separation,
                          "loss_first": float(np.mean(losses[:20])), "loss_last": float(np.mean(losses[-20:])),
                          "loss_curve": [float(np.mean(losses[i:i + 20])) for i in range(0, len(losses), 20)],
@@ -271,10 +342,18 @@ def stage_vae(args) -> None:
     vae = AutoencoderKL(**VAE_CFG).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 21)
-    losses, t0 = [], time.time()
+    losses, t0, start, before, cpu_before = [], time.time(), 0, 0.0, 0.0
+    ck = stage_checkpoint("vae", args)
+    modules = {"vae": vae, "opt": opt}
+    state = ck.load()
+    if state is not None:
+        Checkpoint.restore(state, modules, generators={"g": g})
+        start, losses = state["step"], state["extra"]["losses"]
+        before, cpu_before = state["extra"]["seconds"], state["extra"]["cpu_seconds"]
+        log(f"vae: resumed at step {start}")
     with progress() as prog:
-        task = prog.add_task("VAE", total=args.vae_steps, info="")
-        for step in range(args.vae_steps):
+        task = prog.add_task("VAE", total=args.vae_steps, completed=start, info="")
+        for step in range(start, args.vae_steps):
             set_lr(opt, lr_at(step, args.vae_steps, args.vae_lr, 50, floor=0.02))
             idx = torch.randint(0, len(images), (args.vae_batch,), generator=g).numpy()
             x = to_unit(images[idx])
@@ -293,10 +372,14 @@ def stage_vae(args) -> None:
             losses.append(float(rec.detach()))
             if step % 10 == 0 or step == args.vae_steps - 1:
                 avg = float(np.mean(losses[-20:]))
-                prog.update(task, completed=step + 1, info=f"rec {avg:.4f} kl {float(kl):.0f}")
+                prog.update(task, completed=step + 1, info=f"rec {avg:.4f} kl {float(kl.detach()):.0f}")
                 if step % 50 == 0 or step == args.vae_steps - 1:
-                    log(f"vae step {step} rec {avg:.5f} kl {float(kl):.1f}")
-    elapsed = time.time() - t0
+                    log(f"vae step {step} rec {avg:.5f} kl {float(kl.detach()):.1f}")
+            if loop_checkpoint(args, "vae", step + 1, args.vae_steps):
+                ck.save(step + 1, modules, generators={"g": g},
+                        extra={"losses": losses, "seconds": before + time.time() - t0, "cpu_seconds": cpu_so_far(cpu_before)})
+            maybe_interrupt(args, "vae", step + 1)
+    elapsed = before + time.time() - t0
     vae.eval()
     # latents of the whole training set (posterior means) and the scaling factor
     lat = []
@@ -312,16 +395,31 @@ def stage_vae(args) -> None:
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         rec_mse = float(F.mse_loss(y, x))
     vae.save_pretrained(WORK / "vae", safe_serialization=True)
-    torch.save({"latents": lat.half()}, WORK / "latents.pt")
-    roundtrip = vae_roundtrip_accuracy(vae)
+    save_latents(lat)
+    roundtrip = vae_roundtrip_accuracy(vae) if not args.skip_diagnostics else None
     log(f"vae round trip (judge, 200 held-out scenes): {roundtrip}")
-    write_stage("vae", {"steps": args.vae_steps, "batch": args.vae_batch, "crop": args.vae_crop, "lr": args.vae_lr, "kl_weight": args.vae_kl,
+    write_stage("vae", {"resumed_at_step": start or None, "resumed_cpu_seconds": cpu_before, "resumed_seconds": before,
+                        "steps": args.vae_steps, "batch": args.vae_batch, "crop": args.vae_crop, "lr": args.vae_lr, "kl_weight": args.vae_kl,
                         "seconds": elapsed, "rec_first": float(np.mean(losses[:20])),
                         "rec_last": float(np.mean(losses[-20:])), "recon_mse_eval": rec_mse,
                         "judge_roundtrip": roundtrip, "latent_mean": float(lat.mean()), "latent_std": std, "scaling_factor": scaling,
                         "loss_curve": [float(np.mean(losses[i:i + 20])) for i in range(0, len(losses), 20)],
                         "params": sum(p.numel() for p in vae.parameters())})
     log(f"vae stage done in {elapsed:.0f}s; recon MSE {rec_mse:.5f}; latent std {std:.3f}")
+
+
+def save_latents(lat: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    tmp = WORK / "latents.safetensors.tmp"
+    save_file({"latents": lat.half().contiguous()}, str(tmp))
+    os.replace(tmp, WORK / "latents.safetensors")
+
+
+def load_latents() -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(WORK / "latents.safetensors"))["latents"].float()
 
 
 def vae_roundtrip_accuracy(vae, n: int = 200) -> dict:
@@ -342,7 +440,7 @@ def stage_vaedec(args) -> None:
     seed_all(args.seed + 5)
     _, images = make_dataset(args.n_images, args.seed + 1)
     vae = AutoencoderKL.from_pretrained(WORK / "vae")
-    latents = torch.load(WORK / "latents.pt", weights_only=True)["latents"].float()
+    latents = load_latents()
     if len(latents) != len(images):
         raise SystemExit("latent cache does not match --n-images; rerun --stage vae")
     vae.requires_grad_(False)
@@ -422,7 +520,7 @@ def stage_unet(args) -> None:
     if vae_info is None:
         raise SystemExit("run --stage vae first")
     scaling = vae_info["scaling_factor"]
-    latents = torch.load(WORK / "latents.pt", weights_only=True)["latents"].float() * scaling
+    latents = load_latents() * scaling
     if len(latents) != len(scenes):
         raise SystemExit("latent cache does not match --n-images; rerun --stage vae")
     weight_map = object_weight_maps(scenes, args.object_weight) if args.object_weight > 0 else None
@@ -444,23 +542,21 @@ def stage_unet(args) -> None:
                             lr=args.unet_lr, weight_decay=0.01)
     r = random.Random(args.seed + 31)
     g = torch.Generator().manual_seed(args.seed + 32)
-    start, losses, elapsed_before, curve = 0, [], 0.0, []
-    ckpt = WORK / "unet_ckpt.pt"
-    if args.resume and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)  # our own local checkpoint (optimizer state, RNG states)
-        for m, k in ((unet, "unet"), (ema, "ema"), (te, "te"), (te_ema, "te_ema"), (opt, "opt")):
-            m.load_state_dict(state[k])
-        start, losses, elapsed_before, curve = state["step"], state["losses"], state["elapsed"], state["curve"]
-        r.setstate(state["py_rng"])
-        g.set_state(state["torch_rng"])
+    start, losses, elapsed_before, curve, cpu_before = 0, [], 0.0, [], 0.0
+    ck = stage_checkpoint("unet", args)
+    modules = {"unet": unet, "ema": ema, "te": te, "te_ema": te_ema, "opt": opt}
+    state = ck.load()
+    if state is not None:
+        Checkpoint.restore(state, modules, generators={"g": g}, pyrngs={"r": r})
+        start, losses, curve = state["step"], state["extra"]["losses"], state["extra"]["curve"]
+        elapsed_before, cpu_before = state["extra"]["seconds"], state["extra"]["cpu_seconds"]
         log(f"resumed UNet training at step {start}")
     vae = AutoencoderKL.from_pretrained(WORK / "vae").eval()
     pairs = ((ema, unet), (te_ema, te)) if joint else ((ema, unet),)
 
     def save_ckpt(step, elapsed):
-        torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "te": te.state_dict(),
-                    "te_ema": te_ema.state_dict(), "opt": opt.state_dict(), "step": step, "losses": losses,
-                    "elapsed": elapsed, "curve": curve, "py_rng": r.getstate(), "torch_rng": g.get_state()}, ckpt)
+        ck.save(step, modules, generators={"g": g}, pyrngs={"r": r},
+                extra={"losses": losses, "curve": curve, "seconds": elapsed, "cpu_seconds": cpu_so_far(cpu_before)})
 
     t0 = time.time()
     step = start
@@ -510,16 +606,17 @@ def stage_unet(args) -> None:
                     acc = probe_accuracy(_pipeline(ema, te_ema, vae, tok), args.probe_prompts, args.probe_guidance)
                 curve.append({"step": step + 1, **acc})
                 log(f"unet step {step + 1}: probe {acc}")
-            if (step + 1) % 250 == 0:
+            if loop_checkpoint(args, "unet", step + 1, args.unet_steps):
                 save_ckpt(step + 1, elapsed_before + time.time() - t0)
+            maybe_interrupt(args, "unet", step + 1)
     done = step + 1
     elapsed = elapsed_before + time.time() - t0
-    save_ckpt(done, elapsed)
     ema.save_pretrained(WORK / "unet", safe_serialization=True)
     te_ema.save_pretrained(WORK / "text_encoder", safe_serialization=True)
     write_stage("unet", {"steps": done, "batch": args.unet_batch, "lr": args.unet_lr,
                          "text_lr_scale": args.text_joint_lr_scale, "ema": args.ema, "min_snr_gamma": args.min_snr,
                          "cfg_dropout": args.cfg_dropout, "object_weight": args.object_weight, "seconds": elapsed, "resumed_at_step": start or None,
+                         "resumed_cpu_seconds": cpu_before, "resumed_seconds": elapsed_before,
                          "loss_weighting": "v-MSE x min(1, gamma / (1 + SNR))", "probe_curve": curve,
                          "probe": {"prompts": args.probe_prompts, "guidance": args.probe_guidance},
                          "loss_first": float(np.mean(losses[:50])), "loss_last": float(np.mean(losses[-50:])),
@@ -665,15 +762,34 @@ def stage_eval(args) -> None:
     t0, c0 = time.time(), time.process_time()
     pipe = eval_shapes.load_pipeline(PIPE_DIR)
     judge = eval_shapes.load_judge_model()
-    sweep = {}
+    # the eval's checkpoint: each finished measurement is kept (keyed by the fingerprint of the weights' stages and
+    # the eval settings), so an interrupted eval redoes only what it had not finished
+    part_path, fp = WORK / "eval_partial.json", stage_fingerprint("eval", args)
+    part = json.loads(part_path.read_text()) if part_path.is_file() else {}
+    part = part if part.get("fingerprint") == fp else {"fingerprint": fp}
+
+    def keep(key, value):
+        part[key] = value
+        tmp = part_path.with_name(part_path.name + ".tmp")
+        tmp.write_text(json.dumps(part, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, part_path)
+
+    sweep = dict(part.get("sweep", {}))
     for gs in args.guidance_sweep:
+        if str(gs) in sweep:
+            log(f"guidance {gs}: generation accuracy {sweep[str(gs)]:.3f} (kept from the interrupted eval)")
+            continue
         res = eval_shapes.generation_accuracy(pipe, judge, n=args.sweep_prompts, guidance=gs, seed=1000)
         sweep[str(gs)] = res["generation_accuracy"]
+        keep("sweep", sweep)
         log(f"guidance {gs}: generation accuracy {res['generation_accuracy']:.3f} on {args.sweep_prompts} prompts")
     best = max(args.guidance_sweep, key=lambda x: (sweep[str(x)], -abs(x - 5.0)))
     (PIPE_DIR / "frag.json").write_text(json.dumps(frag_json(float(best)), indent=2) + "\n")
-    ev = eval_shapes.evaluate(pipe, judge, guidance=float(best), n_zero_shot=args.eval_zero_shot,
-                              n_prompts=args.eval_prompts, n_families=args.eval_families)
+    ev = part.get("evaluation")
+    if ev is None:
+        ev = eval_shapes.evaluate(pipe, judge, guidance=float(best), n_zero_shot=args.eval_zero_shot,
+                                  n_prompts=args.eval_prompts, n_families=args.eval_families)
+        keep("evaluation", ev)
     ev["guidance_sweep"] = sweep
     grid = ROOT / "docs" / "shapes_grid.png" if PIPE_DIR == SHIPPED_DIR else PIPE_DIR / "shapes_grid.png"
     ev["grid"] = {"path": str(grid.relative_to(ROOT)),
@@ -745,7 +861,15 @@ def main(argv=None) -> int:
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--object-weight", type=float, default=4.0,
                    help="extra loss weight on object pixels (render masks on the latent grid; 0: plain loss)")
-    p.add_argument("--resume", action="store_true", help="resume the UNet stage from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="(the default now) resume every stage from its checkpoint")
+    p.add_argument("--fresh", action="store_true",
+                   help="forget the checkpoints and finished stages of the stages asked for, and train them anew")
+    p.add_argument("--work", default=None, help="folder for intermediate files and checkpoints (tools/out/shapes)")
+    p.add_argument("--ckpt-every", type=int, default=200, help="optimisation steps between checkpoints (every stage)")
+    p.add_argument("--interrupt-after", default=None, metavar="STAGE:STEP",
+                   help="tests: stop as a kill would after that step of that stage (then rerun to resume)")
+    p.add_argument("--skip-diagnostics", action="store_true",
+                   help="tests: skip the text-separation and VAE round-trip measurements (they need the judge)")
     p.add_argument("--judge-images", type=int, default=40000)
     p.add_argument("--judge-steps", type=int, default=800)
     p.add_argument("--judge-batch", type=int, default=256)
@@ -764,8 +888,10 @@ def main(argv=None) -> int:
                    help="assemble into fragcli/models/shapes (the shipped model) and docs/shapes_grid.png; without it"
                         " the pipeline, its report and grid go to tools/out/shapes/pipeline")
     args = p.parse_args(argv)
-    global _LOG, PIPE_DIR
+    global _LOG, PIPE_DIR, WORK, _STAGE_CPU0
     _LOG = args.log
+    if args.work:
+        WORK = Path(args.work).resolve()
     PIPE_DIR = SHIPPED_DIR if args.install else WORK / "pipeline"
     torch.set_num_threads(args.threads)
     names = []
@@ -775,15 +901,28 @@ def main(argv=None) -> int:
         if n not in STAGES:
             p.error(f"unknown stage {n!r}")
     WORK.mkdir(parents=True, exist_ok=True)
-    log(f"stages {names}; seed {args.seed}; threads {args.threads}")
+    log(f"stages {names}; seed {args.seed}; threads {args.threads}; work {WORK}")
+    if args.fresh:
+        for n in names:
+            for f in (WORK / f"{n}_ckpt.safetensors", WORK / f"stage-{n}.json", WORK / f"{n}_partial.json"):
+                f.unlink(missing_ok=True)
     for n in names:
-        t0, c0 = time.time(), time.process_time()
+        done = read_stage(n) or {}
+        if n in RESUMABLE and done.get("fingerprint") == stage_fingerprint(n, args):
+            log(f"stage {n}: already finished with these settings (kept; --fresh to redo)")
+            continue
+        t0 = time.time()
+        _STAGE_CPU0 = c0 = time.process_time()
         STAGES[n](args)
-        wall, cpu = time.time() - t0, time.process_time() - c0
         info = read_stage(n) or {}
+        wall = time.time() - t0 + info.get("resumed_seconds", 0.0)
+        cpu = time.process_time() - c0 + info.get("resumed_cpu_seconds", 0.0)
         info.update(wall_seconds=wall, cpu_seconds=cpu, threads=args.threads,
                     settings={k: v for k, v in sorted(vars(args).items())})
+        if n in STAGE_KEYS:
+            info["fingerprint"] = stage_fingerprint(n, args)
         write_stage(n, info)
+        (WORK / f"{n}_ckpt.safetensors").unlink(missing_ok=True)  # the stage's outputs are written: not needed
         log(f"stage {n}: {wall:.0f}s wall, {cpu / 60:.1f} CPU-min")
     return 0
 
