@@ -71,9 +71,9 @@ from rich.progress import (  # noqa: E402
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from train_ckpt import Checkpoint, fingerprint  # noqa: E402
 
 from fragcli.shapes import world  # noqa: E402
-from train_ckpt import Checkpoint, fingerprint  # noqa: E402
 
 SHIPPED_DIR = ROOT / "fragcli" / "models" / "shapes"
 PIPE_DIR = SHIPPED_DIR  # where assemble/eval write: tools/out/shapes/pipeline unless --install (set in main)
