@@ -5,8 +5,12 @@ Per head h (output of attention before ``to_out``: x_h, tokens x head_dim) it re
 - ``energy_post`` = RMS(x_h W_h^T) over batch x tokens x out_dim, W_h the head's input columns of ``to_out[0]``
   (computed exactly as sqrt(mean(x_h G_h x_h^T)/out_dim) with G_h = W_h^T W_h, cheaper than the product);
 - ``entropy``     = attention entropy / log(keys), averaged over sampled (or all) query rows and the batch.
-Modules whose processor is not the default one are profiled for energy only, by a hook on ``to_out[0]`` (for joint
-attention, SD3 / Flux, that is the image tokens' output; kind ``joint``).
+Modules whose processor is not the default one (joint attention of SD3 / Flux, kind ``joint``; Flux's single-stream
+attention) keep their own processor: energies come from a pre-hook on ``to_out[0]`` (for joint attention, the image
+tokens' output), or, for Flux's single-stream blocks (no ``to_out``: the block's ``proj_out`` reads the concatenation
+[attention, MLP]), from the attention's output and the attention's column slice of ``proj_out``; the entropy comes
+from the query and key rows the processor hands to ``torch.nn.functional.scaled_dot_product_attention`` (intercepted
+while that module runs, sampled rows as above; the processor's computation is untouched, none of it is copied).
 """
 
 from __future__ import annotations
@@ -149,18 +153,80 @@ def _mirrored(processor) -> bool:
     return type(processor) in (AttnProcessor, AttnProcessor2_0)
 
 
-def _energy_hook(name: str, attn, recorder: Recorder):
-    """For processors frag does not mirror: energies from the input of ``to_out[0]`` (no entropy)."""
+def _energy_hook(name: str, attn, recorder: Recorder, captured: dict):
+    """For processors frag does not mirror: energies from the input of ``to_out[0]``, entropy from the intercepted
+    attention call (NaN when the processor does not call torch's SDPA)."""
 
     def hook(module, args):
         if recorder.active:
             x = args[0]
             x = x.reshape(x.shape[0], -1, x.shape[-1])
             pre, post = head_energies(x.detach(), attn.heads, module.weight)
-            kind = attention_kind(attn)
-            recorder.add_heads(name, kind, pre.tolist(), post.tolist(), [float("nan")] * attn.heads)
+            _record(name, attn, recorder, captured, pre, post)
 
     return hook
+
+
+def _record(name, attn, recorder: Recorder, captured: dict, pre, post, kind: str | None = None) -> None:
+    ent = captured.pop(name, None)
+    if ent is None or len(ent) != attn.heads:
+        ent = [float("nan")] * attn.heads
+    recorder.add_heads(name, kind or attention_kind(attn), pre.tolist(), post.tolist(), list(ent))
+
+
+def _single_stream_hook(name: str, attn, proj_out, recorder: Recorder, captured: dict):
+    """Flux single-stream attention (no ``to_out``): a forward hook on the attention module; its output is the
+    attention part of ``proj_out``'s input, whose weight columns ``[:heads * head_dim]`` are the heads' output."""
+
+    def hook(module, args, output):
+        if recorder.active:
+            x = output[0] if isinstance(output, tuple) else output
+            x = x.reshape(x.shape[0], -1, x.shape[-1]).detach()
+            pre, post = head_energies(x, attn.heads, proj_out.weight[:, : x.shape[-1]].detach())
+            _record(name, attn, recorder, captured, pre, post, "joint")  # text and image tokens in one sequence
+
+    return hook
+
+
+def single_stream_blocks(denoiser) -> dict[str, tuple]:
+    """Blocks whose attention has no ``to_out`` and whose ``proj_out`` reads [attention, MLP] (Flux's single-stream
+    blocks): attention module name -> (block, attention)."""
+    out = {}
+    for name, block in denoiser.named_modules():
+        attn, proj_out, mlp = (getattr(block, a, None) for a in ("attn", "proj_out", "proj_mlp"))
+        if attn is None or proj_out is None or mlp is None or getattr(attn, "to_out", None) is not None:
+            continue
+        if getattr(attn, "to_q", None) is None:
+            continue
+        if proj_out.in_features == attn.to_q.out_features + mlp.out_features:
+            out[f"{name}.attn" if name else "attn"] = (block, attn)
+    return out
+
+
+def _install_capture(patch: Patch, recorder: Recorder, captured: dict, watched: dict) -> None:
+    """Intercept torch's SDPA while a watched attention module runs on a profiled step: the normalised entropy
+    per head of the (query, key) it is called with goes to ``captured[name]``. Restored by the patch's undo."""
+    current: list[str | None] = [None]
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, *args, **kwargs):
+        name = current[0]
+        if name is not None and query.dim() == 4 and key.dim() == 4 and query.shape[1] == key.shape[1]:
+            with torch.no_grad():
+                captured[name] = head_entropy(query.detach(), key.detach(), attn_mask, recorder.sample_rows).tolist()
+        return original(query, key, value, attn_mask, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    patch.undo.append(lambda: setattr(torch.nn.functional, "scaled_dot_product_attention", original))
+    for name, module in watched.items():
+        def pre(mod, args, name=name):
+            current[0] = name if recorder.active else None
+
+        def post(mod, args, output):
+            current[0] = None
+
+        patch.undo.append(module.register_forward_pre_hook(pre).remove)
+        patch.undo.append(module.register_forward_hook(post).remove)
 
 
 def attention_kind(attn) -> str:
@@ -183,20 +249,30 @@ def _is_attention(module) -> bool:
 
 
 def install_profiler(denoiser, recorder: Recorder) -> Patch:
-    """Install the profiling processors (idempotent); ``remove_profiler`` restores the original processors.
-    Attention without ``to_out`` (Flux's single-stream blocks, whose output projection is shared with the MLP) is
-    not profiled per head yet."""
+    """Install the profiling processors and hooks (idempotent); ``remove_profiler`` restores the original ones."""
 
     def install(patch: Patch) -> None:
-        procs = {}
+        procs, watched, captured = {}, {}, {}
+        single = single_stream_blocks(denoiser)
         for name, module in denoiser.named_modules():
-            if not _is_attention(module) or getattr(module, "to_out", None) is None:
+            if not _is_attention(module):
                 continue
-            if _mirrored(module.processor):
+            if name in single:
+                block, attn = single[name]
+                hook = _single_stream_hook(name, attn, block.proj_out, recorder, captured)
+                patch.undo.append(attn.register_forward_hook(hook).remove)
+                watched[name] = attn
+            elif getattr(module, "to_out", None) is None:
+                continue
+            elif _mirrored(module.processor):
                 procs[name] = ProfilingAttnProcessor(name, recorder, module.processor)
             else:
-                handle = module.to_out[0].register_forward_pre_hook(_energy_hook(name, module, recorder))
+                handle = module.to_out[0].register_forward_pre_hook(_energy_hook(name, module, recorder, captured))
                 patch.undo.append(handle.remove)
+                watched[name] = module
+        if watched:
+            _install_capture(patch, recorder, captured, watched)
+        patch.undo.append(captured.clear)
         from fragcli.patches import swap_processors
 
         swap_processors(denoiser, patch, procs)

@@ -6,7 +6,10 @@ Flux MLPs, ``ApproximateGELU``, ``LinearActivation``) have one row per inner cha
 ``SwiGLU``: ``hidden, gate = proj(x).chunk(2, -1)``) have two, rows ``c`` and ``inner + c``. Inner channel ``c``
 depends only on those rows, so removing it = dropping them and column ``c`` of ``net[2]``; the result equals the
 original with channel ``c`` of ``net[2]``'s input zeroed (the mask), which is how the tests prove it. Any other
-activation (or a net of another shape) is skipped and listed in the summary's details.
+activation (or a net of another shape) is skipped and listed in the summary's details. Flux's single-stream blocks
+hold their MLP outside any ``FeedForward``: ``proj_mlp`` (one row per channel, tanh GELU) feeds the last
+``mlp_hidden_dim`` input columns of the block's ``proj_out`` (the first ones are the attention's); the block is
+named by itself (``single_transformer_blocks.3``) and sliced the same way, those columns only.
 
 Profile (table ``ffn``, one row per module, channel and seed): ``energy`` is the RMS of the channel's activation
 (the input of ``net[2]``) over every token, batch row and profiled step of that seed; ``out_norm`` is the L2 norm of
@@ -48,6 +51,12 @@ class Ffn:
     gates: int
     inner: int
 
+    @property
+    def offset(self) -> int:
+        """First input column of ``out`` that reads this MLP (a single-stream ``proj_out`` reads the attention
+        first): always the last ``inner`` columns."""
+        return self.out.in_features - self.inner
+
 
 def _gates() -> dict[type, int]:
     from diffusers.models import activations as a
@@ -86,6 +95,24 @@ def _inspect(ff, gates_of: dict) -> Ffn | str:
     return Ffn(ff, proj, out, gates, out.in_features)
 
 
+def _single_stream(block) -> Ffn | str | None:
+    """A Flux single-stream block's MLP (``proj_mlp`` -> tanh GELU -> the MLP columns of ``proj_out``); None for
+    any other module."""
+    import torch
+
+    proj, out, act = (getattr(block, a, None) for a in ("proj_mlp", "proj_out", "act_mlp"))
+    attn = getattr(block, "attn", None)
+    if proj is None or out is None or attn is None or getattr(attn, "to_out", None) is not None:
+        return None
+    if not isinstance(act, torch.nn.GELU):
+        return f"activation {type(act).__name__} is not one frag can slice"
+    if not (_plain_linear(proj) and _plain_linear(out)):
+        return "its projections are not plain Linear layers (already quantized or factored?)"
+    if out.in_features <= proj.out_features:
+        return f"proj_out reads {out.in_features} columns, not [attention, {proj.out_features} MLP channels]"
+    return Ffn(block, proj, out, 1, proj.out_features)
+
+
 def ffn_blocks(denoiser) -> tuple[dict[str, Ffn], dict[str, str]]:
     """(sliceable feed-forward blocks by name, {name: why not} for the other ``FeedForward`` blocks)."""
     from diffusers.models.attention import FeedForward
@@ -93,7 +120,13 @@ def ffn_blocks(denoiser) -> tuple[dict[str, Ffn], dict[str, str]]:
     gates_of = _gates()
     ok, skipped = {}, {}
     for name, m in denoiser.named_modules():
-        if isinstance(m, FeedForward):
+        single = _single_stream(m)
+        if single is not None:
+            if isinstance(single, Ffn):
+                ok[name] = single
+            else:
+                skipped[name] = single
+        elif isinstance(m, FeedForward):
             found = _inspect(m, gates_of)
             if isinstance(found, Ffn):
                 ok[name] = found
@@ -150,9 +183,16 @@ def prune_ffn(f: Ffn, remove: list[int]) -> None:
     gone = set(remove)
     keep = torch.tensor([c for c in range(f.inner) if c not in gone], dtype=torch.long, device=f.proj.weight.device)
     rows = torch.cat([keep + g * f.inner for g in range(f.gates)])
+    offset = f.offset
+    d = f.out.weight.device
     _slice(f.proj, rows, 0)
-    _slice(f.out, keep.to(f.out.weight.device), 1)
+    _slice(f.out, torch.cat([torch.arange(offset, device=d), keep.to(d) + offset]), 1)
     f.inner = keep.numel()
+    if hasattr(f.module, "mlp_hidden_dim"):  # a single-stream block
+        f.module.mlp_hidden_dim = f.inner
+        packed = getattr(f.out, "_tp_packed_row_blocks", None)
+        if isinstance(packed, list) and len(packed) == 2:
+            f.out._tp_packed_row_blocks = [offset, f.inner]
 
 
 def prune_channels(denoiser, removed: dict[str, list[int]]) -> list[str]:
@@ -163,8 +203,9 @@ def prune_channels(denoiser, removed: dict[str, list[int]]) -> list[str]:
     return [n for n, r in removed.items() if r]
 
 
-def channel_mask_hook(inner: int, remove: list[int]):
-    """A pre-hook on ``net[2]`` zeroing the removed channels of its input."""
+def channel_mask_hook(inner: int, remove: list[int], offset: int = 0):
+    """A pre-hook on ``net[2]`` (or a single-stream ``proj_out``, whose MLP columns start at ``offset``) zeroing the
+    removed channels of its input."""
     import torch
 
     remove = sorted(set(remove))
@@ -172,11 +213,12 @@ def channel_mask_hook(inner: int, remove: list[int]):
 
     def hook(module, args):
         x = args[0]
-        if x.shape[-1] != inner:
-            raise FragError(f"the FFN mask expects {inner} channels, got {x.shape[-1]}", "remove the mask first")
+        if x.shape[-1] != offset + inner:
+            raise FragError(f"the FFN mask expects {offset + inner} channels, got {x.shape[-1]}",
+                            "remove the mask first")
         idx = cache.get(x.device)
         if idx is None:
-            idx = cache[x.device] = torch.tensor(remove, dtype=torch.long, device=x.device)
+            idx = cache[x.device] = torch.tensor(remove, dtype=torch.long, device=x.device) + offset
         return (x.index_fill(-1, idx, 0),) + tuple(args[1:])
 
     return hook
@@ -190,7 +232,8 @@ def install_channel_mask(denoiser, removed: dict[str, list[int]]) -> Patch:
         for name, remove in removed.items():
             if remove:
                 f = blocks[name]
-                patch.undo.append(f.out.register_forward_pre_hook(channel_mask_hook(f.inner, remove)).remove)
+                hook = channel_mask_hook(f.inner, remove, f.offset)
+                patch.undo.append(f.out.register_forward_pre_hook(hook).remove)
 
     return apply_patch(denoiser, MASK_PATCH, install, removed)
 
@@ -207,13 +250,13 @@ def install_ffn_energy(denoiser, recorder) -> Patch:
     def install(patch: Patch) -> None:
         blocks, _ = ffn_blocks(denoiser)
         sums: dict[tuple[str, int], list] = {}  # (module, seed) -> [sum of x^2 per channel, rows, {steps}]
-        patch.state = {"recorder": recorder, "sums": sums, "outs": {n: f.out for n, f in blocks.items()}}
+        patch.state = {"recorder": recorder, "sums": sums, "outs": {n: (f.out, f.offset) for n, f in blocks.items()}}
         for name, f in blocks.items():
 
-            def hook(lin, args, name=name):
+            def hook(lin, args, name=name, offset=f.offset):
                 if not recorder.active:
                     return None
-                x = args[0].detach()
+                x = args[0].detach()[..., offset:]
                 sq = x.float().square().reshape(-1, x.shape[-1]).sum(0)
                 acc = sums.get((name, recorder.seed))
                 if acc is None:
@@ -239,7 +282,8 @@ def remove_ffn_energy(denoiser) -> bool:
     try:
         st = patch.state
         with torch.no_grad():
-            norms = {n: lin.weight.detach().float().norm(dim=0).double().cpu().tolist() for n, lin in st["outs"].items()}
+            norms = {n: lin.weight.detach()[:, offset:].float().norm(dim=0).double().cpu().tolist()
+                     for n, (lin, offset) in st["outs"].items()}
         for (name, seed), (sq, rows, steps) in sorted(st["sums"].items()):
             energy = (sq / rows).sqrt().cpu().double().tolist()
             n = len(energy)
@@ -439,7 +483,7 @@ class FfnPrune(Technique):
             k = len(remove)
             n_removed += k
             proj_cut = k * f.gates * (f.proj.in_features + (1 if f.proj.bias is not None else 0))
-            out_cut = k * f.out.out_features
+            out_cut = k * f.out.out_features  # the MLP's columns of out (a single-stream proj_out keeps the rest)
             params += proj_cut + out_cut
             nbytes += proj_cut * f.proj.weight.element_size() + out_cut * f.out.weight.element_size()
         kept = total - n_removed

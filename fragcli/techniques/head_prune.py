@@ -1,9 +1,12 @@
-"""Attention-head pruning of diffusers ``Attention`` modules: physical (smaller weights) or a reversible mask.
+"""Attention-head pruning of diffusers ``Attention`` modules and Flux's ``FluxAttention``: physical (smaller
+weights) or a reversible mask.
 
 Physical pruning keeps the rows of to_q/to_k/to_v (and add_q/add_k/add_v_proj) and the input columns of
 ``to_out[0]`` (and ``to_add_out``) that belong to the kept heads, then sets ``heads``, ``inner_dim``,
-``inner_kv_dim`` and ``sliceable_head_dim``. The result equals the original with those heads zeroed before
-``to_out`` (the mask), which is how the tests prove it.
+``inner_kv_dim`` and ``sliceable_head_dim``. Flux's single-stream attention has no ``to_out``: its block's
+``proj_out`` reads the concatenation [attention, MLP], so the kept heads' columns of the attention slice
+(the first ``heads * head_dim`` columns) are kept with every MLP column. The result equals the original with those
+heads zeroed before the output projection (the mask), which is how the tests prove it.
 """
 
 from __future__ import annotations
@@ -19,19 +22,82 @@ ROW_PROJ = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 COL_PROJ = ("to_add_out",)
 
 
-def attention_modules(denoiser) -> dict:
-    """Prunable attention modules by name: diffusers ``Attention`` with ``to_out`` and one kv head per head."""
+def _attention_classes() -> tuple:
     from diffusers.models.attention_processor import Attention
 
-    out = {}
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+    except ImportError:  # older diffusers: every attention is an ``Attention``
+        return (Attention,)
+    return (Attention, AttentionModuleMixin)
+
+
+def _why_not(attn, single: bool) -> str | None:
+    """Why frag cannot prune this attention module's heads (None: it can)."""
+    if getattr(attn, "to_q", None) is None or not isinstance(getattr(attn, "heads", None), int):
+        return f"{type(attn).__name__} has no to_q projection or head count"
+    if getattr(attn, "to_out", None) is None and not single:
+        return f"{type(attn).__name__} has no to_out and is not a single-stream block's attention"
+    if getattr(attn, "kv_heads", None) not in (None, attn.heads):
+        return "grouped key/value heads are not supported"
+    if getattr(attn, "fused_projections", False) or getattr(attn, "to_qkv", None) is not None:
+        return "its q/k/v projections are fused (unfuse them first)"
+    hd = attn.to_q.out_features // attn.heads if attn.heads else 0
+    for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+        n = getattr(attn, norm, None)
+        shape = getattr(n, "normalized_shape", None)
+        if shape is not None and len(shape) and shape[0] != hd:
+            return f"{norm} normalises across heads ({shape[0]} channels, a head has {hd})"
+    import torch
+
+    if not all(isinstance(getattr(attn, p, None), (torch.nn.Linear, type(None))) for p in ROW_PROJ):
+        return "its projections are not plain Linear layers (already quantized or factored?)"
+    return None
+
+
+def _candidates(denoiser) -> tuple[dict, dict, dict]:
+    """(prunable modules by name, {name: why not} for the other attention modules, single-stream blocks)."""
+    from fragcli.profiling.processor import single_stream_blocks
+
+    single = single_stream_blocks(denoiser)
+    classes = _attention_classes()
+    ok, why = {}, {}
     for name, m in denoiser.named_modules():
-        if isinstance(m, Attention) and hasattr(m, "to_out") and getattr(m, "to_q", None) is not None:
-            if getattr(m, "kv_heads", None) not in (None, m.heads):
-                continue  # grouped kv heads: not supported yet
-            if type(getattr(m, "norm_q", None)).__name__ == "LayerNorm" and m.norm_q.normalized_shape[0] != m.inner_dim // m.heads:
-                continue  # norms across heads would need slicing too
-            out[name] = m
-    return out
+        if isinstance(m, classes):
+            reason = _why_not(m, name in single)
+            if reason is None:
+                ok[name] = m
+            else:
+                why[name] = reason
+    return ok, why, single
+
+
+def attention_modules(denoiser) -> dict:
+    """Prunable attention modules by name: diffusers ``Attention`` / ``FluxAttention`` with an output projection
+    (``to_out``, or the single-stream block's ``proj_out``) and one kv head per head."""
+    return _candidates(denoiser)[0]
+
+
+def out_projections(denoiser_or_single, name: str, attn) -> list:
+    """The Linear layers whose input columns ``[h * head_dim, (h + 1) * head_dim)`` carry head ``h``'s output:
+    ``to_out[0]`` and ``to_add_out``, or the single-stream block's ``proj_out`` (its attention slice comes first)."""
+    single = denoiser_or_single if isinstance(denoiser_or_single, dict) else None
+    if single is None:
+        from fragcli.profiling.processor import single_stream_blocks
+
+        single = single_stream_blocks(denoiser_or_single)
+    if name in single:
+        return [single[name][0].proj_out]
+    to_out = getattr(attn, "to_out", None)
+    return [lin for lin in (to_out[0] if to_out is not None else None, getattr(attn, "to_add_out", None))
+            if lin is not None]
+
+
+def _refusal(name: str, why: dict) -> FragError:
+    if name in why:
+        return FragError(f"the heads of {name} cannot be pruned: {why[name]}", "drop it from the selection")
+    return FragError(f"module {name} is not an attention module of this model",
+                     "the selection belongs to another model; re-run frag extract")
 
 
 def _check(name: str, attn, remove: list[int]) -> list[int]:
@@ -64,8 +130,11 @@ def _slice_linear(lin, idx, dim: int) -> None:
         lin.in_features = idx.numel()
 
 
-def prune_attention_heads(name: str, attn, remove: list[int]) -> None:
-    """Physically remove heads ``remove`` from one ``Attention`` module, in place."""
+def prune_attention_heads(name: str, attn, remove: list[int], outs: list | None = None) -> None:
+    """Physically remove heads ``remove`` from one attention module, in place (``outs``: its output projections,
+    ``out_projections``; default ``to_out[0]`` and ``to_add_out``)."""
+    import torch
+
     if not remove:
         return
     keep = _check(name, attn, remove)
@@ -73,35 +142,44 @@ def prune_attention_heads(name: str, attn, remove: list[int]) -> None:
     dev = attn.to_q.weight.device
     q_width = attn.to_q.out_features // heads
     kv_width = attn.to_k.out_features // heads
+    if outs is None:
+        outs = out_projections({}, name, attn)
     for proj in ROW_PROJ:
         lin = getattr(attn, proj, None)
         if lin is not None:
             width = q_width if proj in ("to_q", "add_q_proj") else kv_width
             _slice_linear(lin, _index(keep, width, dev), 0)
-    _slice_linear(attn.to_out[0], _index(keep, q_width, dev), 1)
-    for proj in COL_PROJ:
-        lin = getattr(attn, proj, None)
-        if lin is not None:
-            _slice_linear(lin, _index(keep, q_width, dev), 1)
+    inner = heads * q_width
+    for lin in outs:
+        d = lin.weight.device
+        idx = _index(keep, q_width, d)
+        if lin.in_features > inner:  # a single-stream proj_out: every MLP column stays
+            idx = torch.cat([idx, torch.arange(inner, lin.in_features, device=d)])
+            packed = getattr(lin, "_tp_packed_row_blocks", None)
+            if isinstance(packed, list) and len(packed) == 2:
+                lin._tp_packed_row_blocks = [len(keep) * q_width, packed[1]]
+        _slice_linear(lin, idx, 1)
     attn.heads = len(keep)
     attn.inner_dim = len(keep) * q_width
-    attn.inner_kv_dim = len(keep) * kv_width
+    if hasattr(attn, "inner_kv_dim"):
+        attn.inner_kv_dim = len(keep) * kv_width
     if hasattr(attn, "sliceable_head_dim"):
         attn.sliceable_head_dim = len(keep)
 
 
-def head_mask_hook(heads: int, remove: list[int]):
-    """A pre-hook on ``to_out[0]`` (and ``to_add_out``) that zeroes the removed heads' channels."""
+def head_mask_hook(heads: int, remove: list[int], width: int | None = None):
+    """A pre-hook on ``to_out[0]`` (and ``to_add_out``, or a single-stream ``proj_out``: pass the head ``width``,
+    the attention slice comes first) that zeroes the removed heads' channels."""
     remove = sorted(set(remove))
 
     def hook(module, args):
         x = args[0]
-        width = x.shape[-1] // heads
+        w = width or x.shape[-1] // heads
         import torch
 
         mask = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
         for h in remove:
-            mask[h * width : (h + 1) * width] = 0
+            mask[h * w : (h + 1) * w] = 0
         return (x * mask,) + tuple(args[1:])
 
     return hook
@@ -109,7 +187,7 @@ def head_mask_hook(heads: int, remove: list[int]):
 
 def install_head_mask(denoiser, removed: dict[str, list[int]]) -> Patch:
     """Logical pruning: a named, reversible, idempotent mask; the weights are untouched."""
-    modules = attention_modules(denoiser)
+    modules, why, single = _candidates(denoiser)
 
     def install(patch: Patch) -> None:
         for name, remove in removed.items():
@@ -117,12 +195,12 @@ def install_head_mask(denoiser, removed: dict[str, list[int]]) -> Patch:
                 continue
             attn = modules.get(name)
             if attn is None:
-                raise FragError(f"module {name} is not a prunable attention module of this model",
-                                "the selection belongs to another model; re-run frag extract")
+                raise _refusal(name, why)
             _check(name, attn, remove)
-            for target in (attn.to_out[0], getattr(attn, "to_add_out", None)):
-                if target is not None:
-                    patch.undo.append(target.register_forward_pre_hook(head_mask_hook(attn.heads, remove)).remove)
+            width = attn.to_q.out_features // attn.heads
+            for target in out_projections(single, name, attn):
+                hook = head_mask_hook(attn.heads, remove, width)
+                patch.undo.append(target.register_forward_pre_hook(hook).remove)
 
     return apply_patch(denoiser, MASK_PATCH, install, removed)
 
@@ -137,11 +215,10 @@ def _heads_removed(config) -> dict[str, list[int]]:
 
 def check_heads(denoiser, removed: dict[str, list[int]]) -> dict:
     """Every named module exists and keeps at least one head; returns the modules by name. Changes nothing."""
-    modules = attention_modules(denoiser)
+    modules, why, _ = _candidates(denoiser)
     for name, remove in removed.items():
         if name not in modules:
-            raise FragError(f"module {name} is not a prunable attention module of this model",
-                            "the selection belongs to another model; re-run frag extract")
+            raise _refusal(name, why)
         _check(name, modules[name], remove)
     return modules
 
@@ -149,8 +226,11 @@ def check_heads(denoiser, removed: dict[str, list[int]]) -> dict:
 def prune_heads(denoiser, removed: dict[str, list[int]]) -> list[str]:
     """Physically remove heads (plan first: every module is checked before any is changed)."""
     modules = check_heads(denoiser, removed)
+    from fragcli.profiling.processor import single_stream_blocks
+
+    single = single_stream_blocks(denoiser)
     for name, remove in removed.items():
-        prune_attention_heads(name, modules[name], remove)
+        prune_attention_heads(name, modules[name], remove, out_projections(single, name, modules[name]))
     return [n for n, r in removed.items() if r]
 
 
@@ -210,7 +290,7 @@ class HeadPrune(Technique):
     def summary(self, config: HeadPruneConfig, denoiser) -> TechniqueSummary:
         """``denoiser`` is the base (unpruned) denoiser: counts are computed as if the heads were removed."""
         removed = _heads_removed(config)
-        modules = attention_modules(denoiser)
+        modules, _, single = _candidates(denoiser)
         total = sum(m.heads for m in modules.values())
         n_removed = sum(len(r) for r in removed.values())
         params = nbytes = 0
@@ -219,13 +299,13 @@ class HeadPrune(Technique):
             if attn is None:
                 continue
             heads = attn.heads
-            for proj in (*ROW_PROJ, "to_out.0", *COL_PROJ):
-                lin = attn.get_submodule(proj) if _has(attn, proj) else None
+            width = attn.to_q.out_features // heads
+            rows = [(getattr(attn, p, None), False) for p in ROW_PROJ]
+            for lin, cols in [*rows, *((o, True) for o in out_projections(single, name, attn))]:
                 if lin is None:
                     continue
-                cols = proj == "to_out.0" or proj in COL_PROJ
                 w = lin.weight
-                per_head = (w.shape[1] if cols else w.shape[0]) // heads
+                per_head = width if cols else w.shape[0] // heads
                 cut = len(remove) * per_head * (w.shape[0] if cols else w.shape[1])
                 if not cols and lin.bias is not None:
                     cut += len(remove) * per_head
