@@ -39,21 +39,21 @@ class ExtractResult:
 
 
 LEVERS = ("head_retention", "ffn_retention", "low_rank_energy", "quantize", "cache_prompt", "evict_text_encoders",
-          "step_cache", "guidance_cut", "cross_attn_gate")
+          "step_cache", "guidance_cut", "cross_attn_gate", "block_cache")
 OBJECTIVES = ("memory", "speed", "balanced")
 DEFAULT_HEAD_RETENTION = 0.7
 
 
 def lever_options(*, head_retention=None, ffn_retention=None, low_rank_energy=None, quantize=None,
                   cache_prompt=False, evict_text_encoders=False, step_cache=None, guidance_cut=None, cross_attn_gate=None,
-                  default_heads=True) -> dict[str, Any]:
+                  block_cache=None, default_heads=True) -> dict[str, Any]:
     """The lever part of an extract options dict; with no lever at all (and ``default_heads``), head pruning at
     0.7, as frag extract always did."""
     q = None if quantize in (None, "", "none") else quantize
     options = {"head_retention": head_retention, "ffn_retention": ffn_retention, "low_rank_energy": low_rank_energy,
                "quantize": q, "cache_prompt": bool(cache_prompt or evict_text_encoders),
                "evict_text_encoders": bool(evict_text_encoders), "step_cache": step_cache,
-               "guidance_cut": guidance_cut, "cross_attn_gate": cross_attn_gate}
+               "guidance_cut": guidance_cut, "cross_attn_gate": cross_attn_gate, "block_cache": block_cache}
     if default_heads and all(options[k] is None or options[k] is False for k in LEVERS):
         options["head_retention"] = DEFAULT_HEAD_RETENTION
     return options
@@ -107,6 +107,7 @@ def extract(profile_dir: Path, options: dict[str, Any], *, out: Path | None = No
     quality gates of ``thresholds`` is built; levers given in ``options`` are kept fixed in every candidate."""
     from fragcli.fragment import build_fragment
     from fragcli.models.hashing import sha256_file
+    from fragcli.outputs import profile_inputs
     from fragcli.paths import check_out_dir, fragments_dir
     from fragcli.profiling.data import ProfileData
 
@@ -125,14 +126,16 @@ def extract(profile_dir: Path, options: dict[str, Any], *, out: Path | None = No
         from fragcli.paths import safe_name
 
         frag_name = name or safe_name(f"{ctx['model']['name']}-{ctx['prompt'][:40]}-{objective}")
-        target = check_out_dir(Path(out) if out else fragments_dir() / frag_name, overwrite, inputs=[profile.folder])
+        target = check_out_dir(Path(out) if out else fragments_dir() / frag_name, overwrite,
+                               inputs=profile_inputs(profile.folder, ctx, model, thresholds))
         recipe, loaded = _search(profile, options, objective, search_seeds, thresholds, model, device, dtype,
                                  show_progress)
         options = {**options, **recipe.chosen_options}
     plans = plan_techniques(profile, options)
     if recipe is None:
         frag_name = name or default_name(ctx, plans)
-        target = check_out_dir(Path(out) if out else fragments_dir() / frag_name, overwrite, inputs=[profile.folder])
+        target = check_out_dir(Path(out) if out else fragments_dir() / frag_name, overwrite,
+                               inputs=profile_inputs(profile.folder, ctx, model, thresholds))
         loaded = load_profiled_model(ctx, model, device, dtype)
     if simulate:
         _simulate(loaded, ctx, plans, target, show_progress)

@@ -41,6 +41,15 @@ def extract(
         int | None, typer.Option("--step-cache-max-reuse", help="Most consecutive steps served from the step cache "
                                  "(default 4; --objective speed tries 4 and 6).", show_default=False)
     ] = None,
+    block_cache: Annotated[
+        float | None, typer.Option("--block-cache", help="Transformer denoisers: skip the blocks after the first on "
+                                   "calls where the first block's residual barely changed, calibrated so the reused "
+                                   "residual drifts at most this much in the profile (e.g. 0.1).", show_default=False)
+    ] = None,
+    block_cache_max_reuse: Annotated[
+        int | None, typer.Option("--block-cache-max-reuse", help="Most consecutive calls served from the block cache "
+                                 "(default 3).", show_default=False)
+    ] = None,
     guidance_cut: Annotated[
         float | None, typer.Option("--guidance-cut", help="Drop the unconditional (guidance) branch from the step "
                                    "after which dropping it changes the predicted image by at most this fraction, "
@@ -92,9 +101,9 @@ def extract(
     options = lever_options(head_retention=head_retention, ffn_retention=ffn_retention,
                             low_rank_energy=low_rank_energy, quantize=quantize, cache_prompt=cache_prompt,
                             evict_text_encoders=evict_text_encoders, step_cache=step_cache,
-                            guidance_cut=guidance_cut, cross_attn_gate=cross_attn_gate,
+                            guidance_cut=guidance_cut, cross_attn_gate=cross_attn_gate, block_cache=block_cache,
                             default_heads=objective is None)
-    options.update(step_cache_max_reuse=step_cache_max_reuse, score=score, per_module=per_module, safety_margin=safety_margin,
+    options.update(block_cache_max_reuse=block_cache_max_reuse, step_cache_max_reuse=step_cache_max_reuse, score=score, per_module=per_module, safety_margin=safety_margin,
                    stability_threshold=stability_threshold)
     result = run_extract(profile_dir, options, out=out, overwrite=overwrite, name=name, model=model, device=device,
                          dtype=dtype, simulate=simulate, show_progress=not json_out, objective=objective,

@@ -21,6 +21,7 @@ from fragcli.techniques.base import (
     TechniqueConfig,
     TechniqueSummary,
 )
+from fragcli.techniques.block_cache import BlockCache
 from fragcli.techniques.cross_attn_gate import CrossAttnGate
 from fragcli.techniques.ffn_prune import FfnPrune
 from fragcli.techniques.guidance_cut import GuidanceCut
@@ -39,6 +40,7 @@ REGISTRY.register(PromptEmbeds())
 REGISTRY.register(GuidanceCut())  # before the step cache: it must see the halved batch
 REGISTRY.register(CrossAttnGate())
 REGISTRY.register(StepCache())
+REGISTRY.register(BlockCache())  # transformer denoisers' counterpart of the step cache
 
 
 def register(technique: Technique) -> Technique:
