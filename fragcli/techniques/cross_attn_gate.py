@@ -159,6 +159,9 @@ class CrossAttnGate(RuntimeTechnique):
         if options.get("cross_attn_gate") is None:
             return None
         threshold = check_threshold(options["cross_attn_gate"])
+        if (profile.context.get("rows") or {}).get(TABLE) == 0:
+            raise FragError("the profiled denoiser has no separate cross-attention to gate: it attends to the text "
+                            "and image tokens jointly (SD3, Flux)", "drop --cross-attn-gate")
         modules, times, drift = read_drift(profile)
         k = gate_step(drift, threshold)
         if k is None:

@@ -5,7 +5,8 @@ Classifier-free guidance runs the denoiser on ``[uncond, cond]`` (the batch doub
 ``uncond + g (cond - uncond)``. Dropping the unconditional branch at a step changes the prediction by
 ``(g - 1) (cond - uncond)``. The profile's collector records, at every step and seed, how far apart the two
 predictions are, in the space that matters for the image: the change they make to the predicted clean latent
-``x0`` (through the scheduler's ``alphas_cumprod`` and prediction type: epsilon, v or sample), relative to ``x0``
+``x0`` (through the scheduler's ``alphas_cumprod`` and prediction type: epsilon, v or sample; for flow matching,
+SD3 / Flux / flow PixArt, ``x0 = x_t - σ v`` with the scheduler's σ), relative to ``x0``
 (``x0_gap``; ``eps_gap`` is the raw relative gap of the predictions). The plan takes ``e_t = (g - 1) x0_gap_t``
 (the largest over the profiled seeds) and cuts at the first step after which ``e_t`` stays at or below
 ``threshold`` to the end. Early steps, where guidance shapes the layout, are always run in full.
@@ -51,7 +52,8 @@ DOCS = {"seed": "generation seed", "step": "index in the schedule, 0-based",
         "timestep": "the scheduler's timestep at that step",
         "eps_gap": "||cond - uncond|| / ||cond|| of the denoiser's two predictions (one row per guided call)",
         "x0_gap": "||x0(cond) - x0(uncond)|| / ||x0(cond)||: how far apart the two predictions put the clean "
-                  "latent (NaN: the scheduler has no alphas_cumprod)"}
+                  "latent (flow matching: x0 = x_t - σ v; NaN: the scheduler has neither alphas_cumprod nor "
+                  "flow-matching sigmas)"}
 DEFAULT_THRESHOLD = 0.05
 
 
@@ -95,10 +97,31 @@ def cut_step(error: list[float], threshold: float) -> int | None:
 # ------------------------------------------------------------------------------------------------- profiling
 
 
-def _x0_scale(scheduler, t: float, x, pred):
-    """(x0 of the prediction, |dx0 / dpred|) at timestep ``t``; None where the scheduler gives no alphas."""
+def flow_sigma(scheduler, t: float):
+    """σ at timestep ``t`` for a flow-matching scheduler (``FlowMatch*``, or ``prediction_type`` flow_prediction):
+    the scheduler's sigma at its nearest timestep; None for any other scheduler (or before ``set_timesteps``)."""
     import torch
 
+    kind = getattr(getattr(scheduler, "config", None), "prediction_type", None)
+    if "FlowMatch" not in type(scheduler).__name__ and kind != "flow_prediction":
+        return None
+    sigmas, times = getattr(scheduler, "sigmas", None), getattr(scheduler, "timesteps", None)
+    if not isinstance(sigmas, torch.Tensor) or not isinstance(times, torch.Tensor) or not len(times) or \
+            not math.isfinite(t):
+        return None
+    i = int((times.to(torch.float64) - t).abs().argmin())
+    return sigmas[i].to(torch.float64)
+
+
+def _x0_scale(scheduler, t: float, x, pred):
+    """(x0 of the prediction, |dx0 / dpred|) at timestep ``t``; None where the scheduler gives neither alphas nor
+    flow-matching sigmas. Flow matching: x_t = (1 - σ) x0 + σ ε and the denoiser predicts v = ε - x0, so
+    x0 = x_t - σ v."""
+    import torch
+
+    sigma = flow_sigma(scheduler, t)
+    if sigma is not None:
+        return x - sigma * pred, sigma
     alphas = getattr(scheduler, "alphas_cumprod", None)
     kind = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
     if alphas is None or not 0 <= int(round(t)) < len(alphas):
@@ -251,6 +274,10 @@ class GuidanceCut(RuntimeTechnique):
         if g <= 1:
             raise FragError(f"the profile ran without classifier-free guidance (guidance {g:g}): there is no "
                             "unconditional branch to drop", "drop --guidance-cut")
+        if (profile.context.get("rows") or {}).get(TABLE) == 0:
+            raise FragError("the profiled denoiser never ran a classifier-free-guidance batch: its guidance is "
+                            "distilled (an input of the denoiser, as in Flux), there is no unconditional branch to "
+                            "drop", "drop --guidance-cut")
         times, err = read_error(profile, g)
         if not any(math.isfinite(e) for e in err):
             raise FragError(f"the profile has no x0 gap for its scheduler ({profile.context.get('scheduler')}): "
