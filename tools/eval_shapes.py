@@ -13,6 +13,7 @@ Metrics (all on held-out scenes of the shapes world, see ``fragcli.shapes.world`
   timings                   seconds per image (20 steps + CFG, batch 1, median of repeats) and batched throughput
 
     python tools/eval_shapes.py --json [--guidance 5] [--n-prompts 200] [--out result.json]
+    python tools/eval_shapes.py --model shapes-flux --json     # the trained Flux pipeline (its frag.json defaults)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 from fragcli.shapes import world  # noqa: E402
 
 PIPE_DIR = ROOT / "fragcli" / "models" / "shapes"
+MODELS = {"shapes": PIPE_DIR, "shapes-flux": ROOT / "fragcli" / "models" / "shapes_flux"}
 STEPS = 20
 # shapes v2 goals (issue 12): each is a lower bound
 GOALS = {"judge_zero_shot_accuracy": 0.95, "generation_accuracy": 0.80, "generation_shape_accuracy": 0.80,
@@ -53,10 +55,19 @@ def versions() -> dict:
             "open_clip": open_clip.__version__, "python": sys.version.split()[0]}
 
 
-def load_pipeline(folder: Path = PIPE_DIR):
-    from diffusers import StableDiffusionPipeline
+def model_folder(model: str) -> Path:
+    """``shapes``, ``shapes-flux`` or a diffusers folder trained on the shapes world."""
+    folder = MODELS.get(model, Path(model))
+    if not (folder / "model_index.json").is_file():
+        raise SystemExit(f"eval_shapes: no trained pipeline in {folder} (train it first: see its tools/train_*.py)")
+    return folder
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+
+def load_pipeline(folder: Path = PIPE_DIR):
+    """The pipeline in ``folder`` in fp32 (its class from model_index.json: StableDiffusionPipeline, FluxPipeline)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -70,6 +81,11 @@ def load_judge_model():
 def default_guidance(folder: Path = PIPE_DIR) -> float:
     p = folder / "frag.json"
     return float(json.loads(p.read_text())["default_guidance"]) if p.is_file() else 5.0
+
+
+def default_steps(folder: Path = PIPE_DIR) -> int:
+    p = folder / "frag.json"
+    return int(json.loads(p.read_text()).get("default_steps", STEPS)) if p.is_file() else STEPS
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: int = STEPS, batch: int = 40):
@@ -152,7 +168,8 @@ def layout_accuracy(images, scenes, prefix: str) -> dict:
             f"{prefix}_size_accuracy": sum(f is not None and f[1] == o.size for f, o in zip(found, objs, strict=True)) / len(objs)}
 
 
-def paraphrase_consistency(pipe, judge, n: int = 30, guidance: float = 5.0, seed: int = 0, size: int = 4) -> dict:
+def paraphrase_consistency(pipe, judge, n: int = 30, guidance: float = 5.0, seed: int = 0, size: int = 4,
+                           steps: int = STEPS) -> dict:
     fams = world.heldout_paraphrase_families(n, seed=seed, size=size)
     prompts, seeds, owner = [], [], []
     for f, fam in enumerate(fams):
@@ -160,7 +177,7 @@ def paraphrase_consistency(pipe, judge, n: int = 30, guidance: float = 5.0, seed
             prompts.append(w)
             seeds.append(7_000_000 + f)  # same seed for every wording of a family
             owner.append(f)
-    images = generate(pipe, prompts, seeds, guidance)
+    images = generate(pipe, prompts, seeds, guidance, steps)
     pred = judge.classify(images, world.class_texts()).tolist()
     truth = [_family_class(fam) for fam in fams]
     consistent = consistent_correct = 0
@@ -184,31 +201,32 @@ def _family_class(fam: list[str]) -> int:
     return world.class_index(color, shape)
 
 
-def timings(pipe, guidance: float, repeats: int = 5) -> dict:
+def timings(pipe, guidance: float, repeats: int = 5, steps: int = STEPS) -> dict:
     prompt = "a small red circle at the top left on a blue background"
-    generate(pipe, [prompt], [0], guidance)  # warm-up
+    generate(pipe, [prompt], [0], guidance, steps)  # warm-up
     ts = []
     for r in range(repeats):
         t0 = time.perf_counter()
-        generate(pipe, [prompt], [r], guidance)
+        generate(pipe, [prompt], [r], guidance, steps)
         ts.append(time.perf_counter() - t0)
     return {"seconds_per_image": statistics.median(ts), "seconds_per_image_min": min(ts),
             "seconds_per_image_max": max(ts), "timing_repeats": repeats, "torch_threads": torch.get_num_threads(),
-            "steps": STEPS, "guidance": guidance}
+            "steps": steps, "guidance": guidance}
 
 
-def evaluate(pipe, judge, guidance: float, n_zero_shot: int = 400, n_prompts: int = 200, n_families: int = 30) -> dict:
-    out: dict = {"guidance": guidance, "steps": STEPS}
+def evaluate(pipe, judge, guidance: float, n_zero_shot: int = 400, n_prompts: int = 200, n_families: int = 30,
+             steps: int = STEPS) -> dict:
+    out: dict = {"guidance": guidance, "steps": steps, "pipeline": type(pipe).__name__}
     out.update(judge_zero_shot_accuracy(judge, n_zero_shot))
-    out.update(generation_accuracy(pipe, judge, n_prompts, guidance))
-    out.update(paraphrase_consistency(pipe, judge, n_families, guidance))
-    out.update(timings(pipe, guidance))
+    out.update(generation_accuracy(pipe, judge, n_prompts, guidance, steps=steps))
+    out.update(paraphrase_consistency(pipe, judge, n_families, guidance, steps=steps))
+    out.update(timings(pipe, guidance, steps=steps))
     out["goals"] = GOALS
     out["goals_met"] = {k: out[k] >= v for k, v in out["goals"].items()}
     return out
 
 
-def save_grid(pipe, path: Path, guidance: float, seed: int = 3) -> list[str]:
+def save_grid(pipe, path: Path, guidance: float, seed: int = 3, steps: int = STEPS) -> list[str]:
     """An 8x3 grid of generated images (held-out single-shape prompts, then two-shape prompts), PNG."""
     from PIL import Image
 
@@ -218,7 +236,7 @@ def save_grid(pipe, path: Path, guidance: float, seed: int = 3) -> list[str]:
     r = random.Random(seed)
     pairs = [world.sample_scene(r, n_objects=2, split="heldout") for _ in range(8)]
     prompts = [world.canonical_caption(s) for s in singles + pairs]
-    images = generate(pipe, prompts, list(range(len(prompts))), guidance)
+    images = generate(pipe, prompts, list(range(len(prompts))), guidance, steps)
     cols, rows = 8, 3
     grid = Image.new("RGB", (cols * 66 + 2, rows * 66 + 2), (255, 255, 255))
     for i, im in enumerate(images[: cols * rows]):
@@ -234,8 +252,10 @@ def save_grid(pipe, path: Path, guidance: float, seed: int = 3) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="shapes", help="shapes, shapes-flux or a diffusers folder (default: shapes)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--guidance", type=float, default=None, help="default: frag.json's default_guidance")
+    p.add_argument("--steps", type=int, default=None, help="default: frag.json's default_steps (shapes: 20)")
     p.add_argument("--n-zero-shot", type=int, default=400)
     p.add_argument("--n-prompts", type=int, default=200)
     p.add_argument("--n-families", type=int, default=30)
@@ -244,12 +264,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    guidance = args.guidance if args.guidance is not None else default_guidance()
-    pipe, judge = load_pipeline(), load_judge_model()
-    res = evaluate(pipe, judge, guidance, args.n_zero_shot, args.n_prompts, args.n_families)
+    folder = model_folder(args.model)
+    guidance = args.guidance if args.guidance is not None else default_guidance(folder)
+    steps = args.steps if args.steps is not None else default_steps(folder)
+    pipe, judge = load_pipeline(folder), load_judge_model()
+    res = evaluate(pipe, judge, guidance, args.n_zero_shot, args.n_prompts, args.n_families, steps=steps)
+    res["model"] = args.model
     res["versions"] = {"torch": torch.__version__, **versions()}
     if args.grid:
-        save_grid(pipe, Path(args.grid), guidance)
+        save_grid(pipe, Path(args.grid), guidance, steps=steps)
     text = json.dumps(res, indent=2, sort_keys=True)
     if args.out:
         Path(args.out).write_text(text + "\n")
