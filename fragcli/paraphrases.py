@@ -44,7 +44,7 @@ def shapes_family(prompt: str) -> list[str] | None:
 
 def default_paraphrases(model_name: str, prompt: str) -> tuple[list[str] | None, str | None]:
     """(paraphrases, reason-if-none) for a model that ships its own paraphrase families."""
-    if model_name != "shapes":
+    if model_name not in ("shapes", "shapes-flux"):  # both trained on the shapes world
         return None, "no paraphrases given: pass --paraphrases FILE (one prompt per line)"
     family = shapes_family(prompt)
     if family:

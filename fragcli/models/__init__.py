@@ -12,6 +12,8 @@ from fragcli.errors import FragError
 from fragcli.models.builtin import BUILDERS, BUILTINS, builtin_folder, read_frag_json
 
 SHIPPED = Path(__file__).resolve().parent / "shapes"
+# trained models shipped inside the package: --model name -> folder (tools/train_shapes.py, tools/train_shapes_flux.py)
+SHIPPED_MODELS = {"shapes": SHIPPED, "shapes-flux": SHIPPED.with_name("shapes_flux")}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -171,10 +173,10 @@ def resolve_spec(spec: str) -> tuple[Path | None, str, str]:
         return None, spec, f"builtin:{spec}"
     if spec in BUILTINS:
         return builtin_folder(spec), spec, f"builtin:{spec}"
-    if spec == "shapes":
-        if not (SHIPPED / "model_index.json").is_file():
-            raise FragError("the shapes model is not shipped in this installation", "use --model tiny")
-        return SHIPPED, "shapes", "builtin:shapes"
+    if spec in SHIPPED_MODELS:
+        if not (SHIPPED_MODELS[spec] / "model_index.json").is_file():
+            raise FragError(f"the {spec} model is not shipped in this installation", "use --model tiny")
+        return SHIPPED_MODELS[spec], spec, f"builtin:{spec}"
     path = Path(os.path.expanduser(spec))
     if path.exists():
         return path.resolve(), path.resolve().name, str(path.resolve())
@@ -183,7 +185,8 @@ def resolve_spec(spec: str) -> tuple[Path | None, str, str]:
     if _is_hf_id(spec):
         return _hf_snapshot(spec), spec, f"hf:{spec}"
     raise FragError(f"unknown model {spec!r}",
-                    "pass a diffusers folder, a .safetensors file, an HF id, or one of: shapes, " + ", ".join(BUILTINS))
+                    "pass a diffusers folder, a .safetensors file, an HF id, or one of: "
+                    + ", ".join([*SHIPPED_MODELS, *BUILTINS]))
 
 
 def _load_model(spec: str, device: str, dtype: str) -> LoadedModel:
