@@ -37,7 +37,10 @@ def _seeds(seeds: Seeds) -> list[int]:
 
     if isinstance(seeds, (str, int)):
         return parse_seeds(seeds)
-    return parse_seeds(",".join(str(int(s)) for s in seeds))
+    listed = [int(s) for s in seeds]
+    if len(listed) == 1:  # "5" alone would mean five seeds: one seed is the range 5-5
+        return parse_seeds(f"{listed[0]}-{listed[0]}")
+    return parse_seeds(",".join(map(str, listed)))
 
 
 def _default_out(model_name: str, stage: str) -> Path:
@@ -102,6 +105,7 @@ def profile(prompt: str, *, model: str | None = None, seeds: Seeds = 8, steps: i
     """Generate with the full model while recording per-head and per-block statistics (``frag profile``)."""
     from fragcli.generation import check_options, check_prompt, resolve_settings
     from fragcli.models import default_model, load_model
+    from fragcli.outputs import command_inputs
     from fragcli.paths import check_out_dir
     from fragcli.profiling.run import run_profile
     from fragcli.seeds import pick_steps
@@ -110,7 +114,8 @@ def profile(prompt: str, *, model: str | None = None, seeds: Seeds = 8, steps: i
     seed_list = _seeds(seeds)
     check_options(steps, guidance, width, height)
     name = model or default_model()
-    target = check_out_dir(Path(out) if out else _default_out(name, "profile"), overwrite)
+    target = check_out_dir(Path(out) if out else _default_out(name, "profile"), overwrite,
+                           inputs=command_inputs(model=name))
     loaded = load_model(name, device, dtype)
     settings = resolve_settings(loaded, prompt, steps, guidance, width, height, negative_prompt)
     chosen = pick_steps(settings.steps, profile_steps, step_spacing)
@@ -142,13 +147,16 @@ def validate(fragment_dir: Path, *, seeds: Seeds = 20, paraphrases: Path | Seque
     """The fragment against its full model on the same seeds, gated by thresholds (``frag validate``): writes
     validation.json and grid.png into ``out`` and the quality/reuse blocks of the fragment's manifest."""
     from fragcli.manifest import read_manifest
+    from fragcli.outputs import command_inputs
     from fragcli.paths import check_out_dir
 
     manifest = read_manifest(Path(fragment_dir))
     run = _prepare_validation(fragment_dir, manifest, seeds, paraphrases, paraphrase_seeds, simulate, clip_model,
                               clip_weights, lpips_weights, thresholds, profile, model, device, dtype, show_progress)
+    files = [paraphrases] if isinstance(paraphrases, (str, Path)) else []
     target = check_out_dir(Path(out) if out else _default_out(manifest.base_model.name, "validate"), overwrite,
-                           inputs=[p for p in (fragment_dir, profile) if p is not None])
+                           inputs=command_inputs(fragment_dir, profile, thresholds, clip_weights, lpips_weights,
+                                                 *files, model=model or manifest.base_model.spec))
     with _updating(Path(fragment_dir), update=not simulate):
         return run(target, None)
 
@@ -209,8 +217,9 @@ def generate(prompt: str, *, fragment: str | Path | None = None, strict: bool = 
     ``evict_text_encoders``: None = the fragment's default (see ``frag extract --evict-text-encoders``)."""
     from fragcli.generation import check_options, check_prompt
     from fragcli.models import default_model
+    from fragcli.outputs import command_inputs
     from fragcli.paths import check_out_dir
-    from fragcli.runs import run_generation
+    from fragcli.runs import resolve_auto, run_generation
 
     check_prompt(prompt)
     check_options(steps, guidance, width, height)
@@ -218,7 +227,10 @@ def generate(prompt: str, *, fragment: str | Path | None = None, strict: bool = 
     fragment = str(fragment) if fragment is not None else None
     name = model or _fragment_model(fragment) or default_model()
     inputs = [fragment] if fragment and fragment != "auto" else []
-    target = check_out_dir(Path(out) if out else _default_out(name, "generate"), overwrite, inputs=inputs)
+    if fragment == "auto":  # what it resolves to is an input too (every candidate, when that cannot be told yet)
+        fragment, inputs = resolve_auto(name, prompt)
+    target = check_out_dir(Path(out) if out else _default_out(name, "generate"), overwrite,
+                           inputs=command_inputs(*inputs, model=name))
     run = run_generation(name, prompt, fragment, seed_list, target, steps=steps, guidance=guidance,
                          negative_prompt=negative_prompt, width=width, height=height, batch_size=batch_size,
                          device=device, dtype=dtype, strict=strict, show_progress=show_progress,
@@ -262,6 +274,7 @@ def bench(fragment_dir: Path, *, variants: int = 32, batch_size: int = 1, repeat
     full model's."""
     from fragcli.bench import check_bench_args, run_bench, write_bench
     from fragcli.manifest import read_manifest
+    from fragcli.outputs import command_inputs
     from fragcli.paths import check_out_dir
     from fragcli.peers import resolve_peers
 
@@ -269,7 +282,7 @@ def bench(fragment_dir: Path, *, variants: int = 32, batch_size: int = 1, repeat
     resolve_peers(peers)  # an unknown name is refused before anything runs
     m = read_manifest(Path(fragment_dir))
     target = check_out_dir(Path(out) if out else _default_out(m.base_model.name, "bench"), overwrite,
-                           inputs=[fragment_dir])
+                           inputs=command_inputs(fragment_dir, model=model or m.base_model.spec))
     with _updating(Path(fragment_dir), update=manifest):
         record = run_bench(Path(fragment_dir), variants, batch_size, repeats, model, device, dtype, steps,
                            show_progress, memory=memory, memory_repeats=memory_repeats, decode=decode, peers=peers,

@@ -111,6 +111,15 @@ BENCH = """\
 Every contender in `runs` ran in one process, interleaved (ABBA); its numbers are medians over the repeats.
 """
 
+OUTPUT = """\
+## Every output folder: the marker (`.frag-output.json`)
+
+Every folder a command writes is built beside its target and swapped in whole; its marker lists every file frag
+wrote there, at any depth, with its SHA-256 and size, and every folder it created. `--overwrite` replaces a folder
+only when everything in it is on that list and unchanged (`fragcli.outputs`); frag updates the list when it
+rewrites one of its own files in place (the quality and performance blocks of a fragment's manifest).
+"""
+
 RUN = """\
 ## Generation (`frag generate`, writes `seed-<n>.png` and `run.json` in its --out folder)
 """
@@ -228,6 +237,7 @@ def render() -> str:
     """The whole of docs/FORMATS.md."""
     from fragcli.bench import BenchRecord
     from fragcli.manifest import Manifest
+    from fragcli.outputs import OutputMarker
     from fragcli.profiling.recorder import BLOCK_TABLE, BLOCK_TYPES, HEAD_TABLE, HEAD_TYPES
     from fragcli.recipe import RecipeRecord
     from fragcli.records import ProfileContext, RunRecord, ValidationRecord
@@ -237,7 +247,7 @@ def render() -> str:
     from fragcli.techniques.head_selection import HeadSelection
 
     r = Renderer()
-    parts = [INTRO, PROFILE,
+    parts = [INTRO, OUTPUT, r.model(OutputMarker, _file(".frag-output.json", OutputMarker)), PROFILE,
              table(HEAD_TABLE, list(HEAD_TYPES.items()), HEAD_DOCS, "One row per (module, head, seed, step)."),
              table(BLOCK_TABLE, list(BLOCK_TYPES.items()), BLOCK_DOCS, "One row per (block, seed, step).")]
     for technique in REGISTRY:

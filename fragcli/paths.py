@@ -92,7 +92,8 @@ _TMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync, then rename over it."""
+    """Write ``data`` to a temp file beside ``path``, fsync, then rename over it. When ``path`` is a file of a
+    finished frag output, unchanged since frag wrote it (an in-place update), its markers record the new bytes."""
     path = Path(path)
     _check_writable(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
@@ -103,11 +104,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         crash_point("write", path)
+        from fragcli.outputs import owners, rewritten
+
+        found = owners(path)  # finished frag outputs listing this file as frag wrote it (an in-place update)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if found:
+        with contextlib.suppress(OSError, FragError):  # a marker left stale only makes a later overwrite refuse
+            rewritten(found, data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -358,58 +365,16 @@ def release_lock(out: Path) -> None:
         pass
 
 
-def frag_wrote(folder: Path) -> tuple[bool, list[str]]:
-    """Whether frag wrote ``folder`` (its marker, or for older outputs a frag record file), and the entries in it
-    that frag did not write (empty when it cannot tell)."""
-    marker = folder / MARKER
-    entries = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
-    if marker.is_file():
-        try:
-            wrote = set(json.loads(marker.read_text(encoding="utf-8")).get("files", []))
-        except (OSError, ValueError, AttributeError, UnicodeDecodeError):
-            wrote = set()
-        return True, [e for e in entries if e not in wrote]
-    for p in folder.glob("*.json"):
-        try:
-            if p.stat().st_size < 50_000_000 and str(json.loads(p.read_text(encoding="utf-8")).get("_type", "")
-                                                     ).startswith("frag."):
-                return True, []
-        except (OSError, ValueError, AttributeError, UnicodeDecodeError):
-            continue
-    return False, entries
+def check_out_dir(out: Path, overwrite: bool, inputs: tuple | list = (), searched: tuple | list = ()) -> Path:
+    """Check ``--out`` before any work (``fragcli.outputs``: the one rule): refuse the filesystem root, a file, a
+    symbolic link, an unwritable place, an input of this command (``inputs``: the output may not be, contain or sit
+    inside one; ``searched``: not be or contain one; frag's caches always), FRAG_HOME, the working directory and
+    their parents, and a folder that is not empty unless ``overwrite`` and everything in it is what frag recorded
+    writing; lock the folder for this process (a second writer is refused before it touches anything); recover an
+    interrupted swap."""
+    from fragcli.outputs import check_replaceable, check_target
 
-
-def _protected(out: Path) -> str | None:
-    """Why ``out`` may never be replaced: FRAG_HOME, the working directory, the home folder, or a parent of one."""
-    for label, p in (("FRAG_HOME", frag_home()), ("the working directory", Path.cwd().resolve()),
-                     ("your home folder", Path.home().resolve())):
-        if out == p:
-            return f"it is {label}"
-        if out in p.parents:
-            return f"it contains {label} ({p})"
-    return None
-
-
-def check_out_dir(out: Path, overwrite: bool, inputs: tuple | list = ()) -> Path:
-    """Check ``--out`` before any work: refuse a file, a folder that is not empty (unless ``overwrite`` and frag
-    wrote it), an input of this command or a folder holding one, FRAG_HOME, the working directory and their
-    parents; lock the folder for this process (a second writer is refused before it touches anything); recover an
-    interrupted swap; check it is writable."""
-    out = _key(out)
-    if out.exists() and not out.is_dir():
-        raise FragError(f"--out {out} is a file, not a folder", "choose another --out path")
-    for src in inputs:
-        src = Path(src).expanduser().resolve()
-        if out == src or out in src.parents:
-            raise FragError(f"--out {out} {'is' if out == src else 'contains'} an input of this command ({src})",
-                            PROTECT_HINT)
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise FragError(f"cannot create {out}: {probe} is a file", "choose another --out path")
-    if not os.access(probe, os.W_OK):
-        raise FragError(f"cannot write to {probe}", "choose a writable --out folder")
+    out = check_target(out, inputs, searched)
     if out.parent.is_dir():
         acquire_lock(out)  # else staged_dir takes it once the parent exists (nothing is created before the work)
     try:
@@ -422,15 +387,7 @@ def check_out_dir(out: Path, overwrite: bool, inputs: tuple | list = ()) -> Path
             if not overwrite:
                 raise FragError(f"output folder {out} exists and is not empty",
                                 "pass --overwrite or choose another --out")
-            why = _protected(out)
-            if why:
-                raise FragError(f"refusing to overwrite {out}: {why}", PROTECT_HINT)
-            ours, foreign = frag_wrote(out)
-            if not ours:
-                raise FragError(f"refusing to overwrite {out}: frag did not write it", PROTECT_HINT)
-            if foreign:
-                raise FragError(f"refusing to overwrite {out}: it holds files frag did not write "
-                                f"({', '.join(foreign[:3])})", "move them away, or " + PROTECT_HINT)
+            check_replaceable(out)
     except BaseException:
         release_lock(out)
         raise
@@ -460,10 +417,12 @@ def staged_dir(out: Path) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any other folder
         try:
             yield tmp
-            files = sorted(p.name for p in tmp.iterdir())
-            atomic_write_json(tmp / MARKER, {"_type": "frag.output", "files": files, "pid": os.getpid(),
-                                             "written": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            from fragcli.outputs import check_replaceable, mark
+
+            mark(tmp)
             crash_point("staged", out)
+            if out.is_dir() and not out.is_symlink() and any(out.iterdir()):
+                check_replaceable(out)  # again, just before it goes: nothing the user added meanwhile is lost
             old = None
             try:
                 if os.path.lexists(out):

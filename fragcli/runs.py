@@ -24,6 +24,25 @@ def _identity(folder: Path):
     return tuple(items)
 
 
+def resolve_auto(spec: str, prompt: str) -> tuple[str, list]:
+    """``--fragment auto`` resolved before anything is written: (the fragment folder, or 'auto' when none matches,
+    and what it may load, as labelled inputs of the command). When the model's hash cannot be known without loading
+    the model, every folder under fragments/ counts as an input."""
+    from fragcli.fragment import find_fragment
+    from fragcli.models import peek_hash
+    from fragcli.paths import fragments_dir
+
+    model_hash = peek_hash(spec)
+    if model_hash is None:
+        root = fragments_dir()
+        found = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        return "auto", [("a fragment that --fragment auto may load", p) for p in found]
+    match = find_fragment(model_hash, prompt)
+    if match is None:
+        return "auto", []
+    return str(match), [("the fragment that --fragment auto resolves to", match)]
+
+
 def load_with_fragment(spec: str, fragment: str | None, prompt: str, device: str, dtype: str, strict: bool,
                        on_fallback: Callable[[str], None] | None = None, evict_text_encoders: bool | None = None):
     """Open ``fragment`` (a folder or 'auto') on ``spec``; returns (loaded, fragment_dir | None, reason | None).

@@ -100,6 +100,10 @@ def check_sweep(option: str, values: Sequence[float], options: dict[str, Any]) -
         raise FragError(f"--values repeats a value ({', '.join(f'{v:g}' for v in values)})", "pass distinct values")
 
 
+def _files(paraphrases) -> list[Path]:
+    return [Path(paraphrases)] if isinstance(paraphrases, (str, Path)) else []
+
+
 def run_sweep(profile_dir: Path, values: list[float], *, option: str, options: dict[str, Any], seeds, paraphrases,
               paraphrase_seeds: int, thresholds: Path | None, model: str | None, device: str, dtype: str,
               out: Path | None, overwrite: bool, show_progress: bool) -> tuple[Path, SweepRecord]:
@@ -107,6 +111,7 @@ def run_sweep(profile_dir: Path, values: list[float], *, option: str, options: d
     from fragcli.api import _prepare_validation, _seeds, extract
     from fragcli.console import err
     from fragcli.extraction import plan_techniques
+    from fragcli.outputs import profile_inputs
     from fragcli.paths import atomic_write_json, check_out_dir, reports_dir, safe_name, staged_dir, timestamp
     from fragcli.profiling.data import ProfileData
     from fragcli.thresholds import load_thresholds
@@ -121,7 +126,8 @@ def run_sweep(profile_dir: Path, values: list[float], *, option: str, options: d
     for value in values:  # every point's plan is checked before any work starts
         plan_techniques(profile, {**options, option: value})
     target = check_out_dir(Path(out) if out else reports_dir() / safe_name(ctx["model"]["name"]) / timestamp()
-                           / "sweep", overwrite, inputs=[profile_dir])
+                           / "sweep", overwrite, inputs=profile_inputs(profile_dir, ctx, model, thresholds,
+                                                                       *_files(paraphrases)))
     names = point_names(option, values)
     points = []
     with staged_dir(target) as tmp:

@@ -86,8 +86,17 @@ class Gate(_Strict):
         return self.value - measured if self.direction == "max" else measured - self.value
 
 
+#: The metrics a regression compares (``fragcli.report.diff.RULES``), the names ``regression.optional`` takes.
+REGRESSION_METRICS = ("clip_delta_rel", "lpips_mean", "ssim_mean", "phash_mean", "pass_rate", "reuse_pass_rate",
+                      "speedup", "fragment_weight_bytes", "fragment_peak_bytes", "fragment_cuda_peak_bytes",
+                      "fragment_per_image_s")
+
+
 class Regression(_Strict):
-    """Tolerances against a baseline report. ``*_abs``: absolute; ``*_rel``: fraction of the baseline value."""
+    """Tolerances against a baseline report. ``*_abs``: absolute; ``*_rel``: fraction of the baseline value.
+
+    A gated metric (its tolerance not null) that the baseline or this run lacks, or holds as NaN/inf, makes the
+    gate INVALID, unless it is listed in ``optional`` (then it is skipped, with a warning)."""
 
     clip_delta_abs: float | None = Field(0.01, ge=0)
     lpips_abs: float | None = Field(0.02, ge=0)
@@ -99,6 +108,15 @@ class Regression(_Strict):
     memory_rel: float | None = Field(0.05, ge=0)
     peak_memory_rel: float | None = Field(0.25, ge=0)
     latency_rel: float | None = Field(None, ge=0)
+    optional: tuple[str, ...] = ("lpips_mean", "fragment_cuda_peak_bytes")
+
+    @field_validator("optional")
+    @classmethod
+    def _known_metrics(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in v if m not in REGRESSION_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r} (known: {', '.join(REGRESSION_METRICS)})")
+        return v
 
 
 def _default_gate(name: str) -> Gate:

@@ -29,7 +29,9 @@ def test_staged_dir_marks_what_frag_wrote(tmp_path):
     out = tmp_path / "out"
     _write(out, ("a.json", "b.png"))
     marker = json.loads((out / MARKER).read_text())
-    assert marker["files"] == ["a.json", "b.png"] and marker["_type"] == "frag.output"
+    assert sorted(marker["files"]) == ["a.json", "b.png"] and marker["_type"] == "frag.output"
+    assert marker["schema_version"] == 2 and marker["dirs"] == []
+    assert marker["files"]["a.json"]["bytes"] == (out / "a.json").stat().st_size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, lock or old copy left
 
 
@@ -52,7 +54,7 @@ def test_overwrite_refuses_folders_frag_did_not_write(tmp_path):
     ours = tmp_path / "ours"
     _write(ours)
     (ours / "notes.txt").write_text("mine")  # a user's file inside frag's output
-    with pytest.raises(FragError, match="files frag did not write .*notes.txt"):
+    with pytest.raises(FragError, match=r"a file frag did not write \(notes.txt\)"):
         check_out_dir(ours, overwrite=True)
     assert (other / "me.jpg").exists() and (ours / "notes.txt").exists()
 
@@ -134,7 +136,7 @@ def test_temp_files_of_a_dead_writer_inside_an_output_do_not_block_overwrite(tmp
     assert not stale.exists() and (out / "manifest.json").exists()
     live = out / f".manifest.json.{os.getpid()}.k2j4.tmp"
     live.write_text("{")
-    with pytest.raises(FragError, match="files frag did not write"):
+    with pytest.raises(FragError, match="a file frag did not write"):
         check_out_dir(out, overwrite=True)
     assert live.exists()
 
@@ -283,3 +285,72 @@ def test_read_json_refuses_deep_huge_or_broken_json_in_one_error(tmp_path, text)
     p.write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(FragError, match="malformed|nested too deeply"):
         read_json(p, "record")
+
+
+def test_frag_rewriting_its_own_file_keeps_the_output_replaceable(tmp_path):
+    """validate/bench rewrite a fragment's manifest in place: the marker follows, in nested outputs too (a sweep's
+    point), so the output stays frag's; a file the user edited first stays the user's."""
+    from fragcli.paths import atomic_write_text
+
+    outer = tmp_path / "sweep"
+    with staged_dir(outer) as tmp:
+        _write(tmp / "p90" / "fragment", ("manifest.json",))  # an output built inside another (frag sweep)
+        (tmp / "sweep.json").write_text("{}")
+    inner = outer / "p90" / "fragment"
+    atomic_write_text(inner / "manifest.json", '{"quality": 1}')
+    for folder in (inner, outer):
+        check_out_dir(folder, overwrite=True)
+        release_lock(folder)
+    (inner / "manifest.json").write_text('{"quality": "mine"}')  # the user's edit
+    atomic_write_text(inner / "manifest.json", '{"quality": 2}')  # frag does not launder it
+    for folder in (inner, outer):
+        with pytest.raises(FragError, match="manifest.json, changed since frag wrote it"):
+            check_out_dir(folder, overwrite=True)
+
+
+@pytest.mark.parametrize(("how", "needle"), [
+    ("nested-file", r"a file frag did not write \(sub/deep/mine.txt\)"),
+    ("folder", r"a folder frag did not create \(sub/extra/\)"),
+    ("symlink", r"a symbolic link frag did not write \(sub/link\)"),
+    ("edited", r"sub/a.json, changed since frag wrote it"),
+    ("old-marker", "written by an older frag.*delete it yourself"),
+    ("no-marker", "frag did not write it"),
+    ("frag-json-no-marker", "frag did not write it"),
+])
+def test_overwrite_refuses_anything_frag_did_not_write_at_any_depth(tmp_path, how, needle):
+    out = tmp_path / "out"
+    with staged_dir(out) as tmp:
+        (tmp / "sub" / "deep").mkdir(parents=True)
+        (tmp / "sub" / "a.json").write_text(json.dumps({"_type": "frag.test"}))
+    sub = out / "sub"
+    if how == "nested-file":
+        (sub / "deep" / "mine.txt").write_text("mine")
+    elif how == "folder":
+        (sub / "extra").mkdir()
+    elif how == "symlink":
+        (sub / "link").symlink_to(tmp_path)
+    elif how == "edited":
+        (sub / "a.json").write_text(json.dumps({"_type": "frag.test", "mine": True}))
+    elif how == "old-marker":
+        (out / MARKER).write_text(json.dumps({"_type": "frag.output", "files": ["sub"], "pid": 1, "written": "x"}))
+    else:
+        (out / MARKER).unlink()
+        if how == "frag-json-no-marker":
+            (out / "context.json").write_text(json.dumps({"_type": "frag.profile"}))
+    before = sorted(str(p) for p in out.rglob("*"))
+    with pytest.raises(FragError, match=needle):
+        check_out_dir(out, overwrite=True)
+    assert sorted(str(p) for p in out.rglob("*")) == before
+
+
+def test_odd_out_paths_are_refused_in_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    for path, needle in ((tmp_path.anchor, "filesystem root"), (afile, "is a file"), (afile / "x", "is a file"),
+                         (link, "symbolic link")):
+        with pytest.raises(FragError, match=needle) as info:
+            check_out_dir(path, overwrite=True)
+        assert "\n" not in info.value.one_line()
+    assert afile.read_text() == "mine" and link.is_symlink() and not (tmp_path / "nowhere").exists()

@@ -43,6 +43,14 @@ def _unique(folder: Path) -> Path:
     return folder.with_name(f"{folder.name}-{n}")
 
 
+def _inputs(rf, sweeps: Sequence[Path], comparison: Path | None, gate: Path | None) -> list[Path]:
+    """What a report reads: the folder of every file it found, the --sweep folders, the comparison report and the
+    thresholds file (the --run folder itself is searched: a new folder inside it is fine)."""
+    found = [rf.profile, rf.manifest, rf.selection, rf.bench, *rf.validations, *rf.sweep]
+    folders = sorted({Path(src.file).parent for src in found if src is not None and src.file})
+    return [*folders, *sweeps, *([comparison] if comparison else []), *([gate] if gate else [])]
+
+
 def make_report(run: Path, compare: str = "latest", gate: Path | None = None, out: Path | None = None,
                 sweeps: Sequence[Path] = (), overwrite: bool = False) -> ReportResult:
     """Write ``reports/<model>/<timestamp>/`` (or ``out``) and return what was written.
@@ -54,10 +62,13 @@ def make_report(run: Path, compare: str = "latest", gate: Path | None = None, ou
     now = datetime.now(timezone.utc)
     summary = build_summary(rf, th, now.isoformat(timespec="seconds"))
     if out is not None:
-        target = check_out_dir(Path(out), overwrite)
+        target = Path(out)
     else:
         target = _unique(reports_dir() / safe_name(summary["model"]["name"]) / now.strftime("%Y%m%dT%H%M%SZ"))
     comparison = find_comparison(compare, summary["model"], exclude=target)
+    if out is not None:  # every input is known now: the run's files, the sweeps, the comparison, the gate file
+        target = check_out_dir(target, overwrite, inputs=_inputs(rf, sweeps, comparison.path, gate),
+                               searched=[run])
     diff = regression_diff(summary["metrics"], comparison, th.regression, compare)
     attach_gates(summary, diff, th, gating=gate is not None)
     heads = head_importance(rf.profile_parquet, rf.selection, rf.profile, summary["model"])

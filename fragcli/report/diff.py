@@ -2,7 +2,9 @@
 
 Each metric has a better direction and a tolerance from ``thresholds.yaml``'s ``regression`` block: ``*_abs``
 tolerances are absolute, ``*_rel`` ones a fraction of the baseline value; a ``null`` tolerance is reported
-(INFO) but never gates; a metric missing on either side is MISSING and does not gate.
+(INFO, or MISSING when a side lacks it) but never gates. A gated metric that the baseline or this run lacks, or
+holds as NaN/inf, cannot be compared: INVALID (a gate never passes on a missing baseline), or UNAVAILABLE (skipped)
+when ``regression.optional`` lists it. ``--compare baseline`` with no baseline report for the model is INVALID too.
 """
 
 from __future__ import annotations
@@ -131,16 +133,38 @@ def find_comparison(compare: str, model: dict[str, Any], exclude: Path | None = 
     return Comparison(path, data, note)
 
 
-def diff_metric(rule: Rule, baseline: Any, current: Any, tol: Regression) -> dict[str, Any]:
-    """One row of regression_diff.json."""
-    b, c = _num(baseline), _num(current)
+def _measured(value: Any) -> float | None:
+    """A finite JSON number (not a bool, not a string that looks like one), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return _num(value)
+
+
+def _unusable(side: str, value: Any, missing: bool) -> str:
+    """Why one side of a comparison holds no number."""
+    if missing or value is None:
+        return f"missing from {side}"
+    return f"not a finite number in {side} ({value!r})"
+
+
+def diff_metric(rule: Rule, baseline: Any, current: Any, tol: Regression, *, in_baseline: bool = True,
+                in_current: bool = True, where: str = "the baseline") -> dict[str, Any]:
+    """One row of regression_diff.json (``in_*``: whether that side has the key at all; ``where``: the baseline,
+    named in the note)."""
+    b, c = _measured(baseline), _measured(current)
     tolerance = getattr(tol, rule.tolerance)
     kind = "relative" if rule.tolerance.endswith("_rel") else "absolute"
     row: dict[str, Any] = {"metric": rule.metric, "baseline": b, "current": c, "better": rule.better,
                            "tolerance": tolerance, "tolerance_kind": kind, "tolerance_key": rule.tolerance,
-                           "delta": None, "delta_rel": None, "limit": None}
+                           "delta": None, "delta_rel": None, "limit": None, "note": None}
     if b is None or c is None:
-        row["status"] = "MISSING"
+        why = [_unusable(where, baseline, not in_baseline)] if b is None else []
+        why += [_unusable("this run", current, not in_current)] if c is None else []
+        row["note"] = "; ".join(why)
+        if tolerance is None:
+            row["status"] = "MISSING"  # reported only: never gates
+        else:
+            row["status"] = "UNAVAILABLE" if rule.metric in tol.optional else "INVALID"
         return row
     row["delta"] = c - b
     row["delta_rel"] = (c - b) / abs(b) if b else None
@@ -161,11 +185,17 @@ def regression_diff(current: dict[str, Any], comparison: Comparison, tol: Regres
     base_meta = None
     if comparison.summary is not None:
         base = comparison.summary.get("metrics") or {}
-        rows = [diff_metric(rule, base.get(rule.metric), current.get(rule.metric), tol) for rule in RULES]
+        where = f"the baseline {comparison.path}"
+        rows = [diff_metric(rule, base.get(rule.metric), current.get(rule.metric), tol,
+                            in_baseline=rule.metric in base, in_current=rule.metric in current, where=where)
+                for rule in RULES]
         s = comparison.summary
         base_meta = {"path": str(comparison.path), "run_id": (s.get("run") or {}).get("id"),
                      "created": s.get("created"), "model": s.get("model")}
     failures = [r for r in rows if r["status"] == "FAIL"]
+    invalid = [f"{r['metric']}: {r['note']}" for r in rows if r["status"] == "INVALID"]
+    if comparison.summary is None and compare == "baseline":
+        invalid.append(f"no baseline to compare with: {comparison.note}")
     return {
         "_type": "frag.regression_diff",
         "schema_version": 1,
@@ -173,6 +203,7 @@ def regression_diff(current: dict[str, Any], comparison: Comparison, tol: Regres
         "baseline": base_meta,
         "note": comparison.note,
         "metrics": rows,
-        "passed": not failures,
+        "passed": not failures and not invalid,
         "failures": [r["metric"] for r in failures],
+        "invalid": invalid,
     }

@@ -70,7 +70,10 @@ class DiffRow(Block):
     delta: float | None = Field(description="current - baseline")
     delta_rel: float | None = Field(description="delta / |baseline|")
     limit: float | None = Field(description="the worst value that still passes")
-    status: Literal["PASS", "FAIL", "INFO", "MISSING"]
+    status: Literal["PASS", "FAIL", "INFO", "MISSING", "INVALID", "UNAVAILABLE"] = Field(
+        description="INFO/MISSING: reported only (null tolerance); INVALID: a gated metric missing or not finite on "
+        "a side; UNAVAILABLE: the same, but listed in regression.optional (skipped)")
+    note: str | None = Field(None, description="why the metric could not be compared")
 
 
 class ComparedWith(Block):
@@ -95,6 +98,8 @@ class RegressionDiff(Record):
     metrics: list[DiffRow]
     passed: bool
     failures: list[str] = Field(description="metrics that regressed beyond their tolerance")
+    invalid: list[str] = Field(default_factory=list, description="what could not be compared (a gated metric "
+                               "missing or not finite; no baseline report for --compare baseline)")
 
 
 # ------------------------------------------------------------------------------ metrics_summary.json (report)

@@ -226,9 +226,19 @@ def hypothesis_gates(hypotheses: list[dict[str, Any]], th: Thresholds) -> list[d
 
 
 def regression_gates(diff: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for the regression checks that gate (PASS/FAIL; INFO and MISSING rows stay in the diff only)."""
+    """Rows for the regression checks that gate: PASS/FAIL, INVALID (a gated metric missing or not finite on a
+    side, or no baseline for --compare baseline), UNAVAILABLE (the same, optional); INFO and MISSING rows stay in
+    the diff only."""
     rows = []
+    source = (diff.get("baseline") or {}).get("path")
+    if diff["baseline"] is None and diff["compare"] == "baseline":
+        rows.append(_gate_row("regression", "regression", None, None, None, "INVALID", None,
+                              f"no baseline to compare with: {diff['note']}"))
     for r in diff["metrics"]:
+        if r["status"] in ("INVALID", "UNAVAILABLE"):
+            rows.append(_gate_row(f"regression.{r['metric']}", "regression", r["current"], None,
+                                  "min" if r["better"] == "higher" else "max", r["status"], source, r["note"]))
+            continue
         if r["status"] not in ("PASS", "FAIL"):
             continue
         op = ">=" if r["better"] == "higher" else "<="
@@ -317,7 +327,13 @@ def build_summary(rf: RunFiles, th: Thresholds, created: str) -> dict[str, Any]:
 
 def attach_gates(summary: dict[str, Any], diff: dict[str, Any], th: Thresholds, gating: bool) -> dict[str, Any]:
     """Add the gate rows, the regression summary and the overall verdict to ``summary`` (in place)."""
-    rows = quality_gates(summary["quality"], th) + hypothesis_gates(summary["hypotheses"], th) + regression_gates(diff)
+    quality = quality_gates(summary["quality"], th)
+    if not any(r["status"] in ("PASS", "FAIL") for r in quality):  # even when every quality gate is optional
+        keys = ", ".join(AGGREGATE_KEYS[key] for key, _ in IMAGE_GATES.values())
+        quality.append(_gate_row("quality", "quality", None, None, None, "INVALID", summary["quality"].get("source"),
+                                 f"no quality metric was measured ({keys}): a gate never passes on nothing "
+                                 "-- run frag validate"))
+    rows = quality + hypothesis_gates(summary["hypotheses"], th) + regression_gates(diff)
     failures = [r["message"] for r in rows if r["status"] == "FAIL"]
     invalid = [f"{r['gate']}: {r['message']}" for r in rows if r["status"] == "INVALID"]
     summary["gates"] = rows
