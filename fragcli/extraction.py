@@ -99,7 +99,7 @@ def _tag(plan: Plan) -> str:
 def extract(profile_dir: Path, options: dict[str, Any], *, out: Path | None = None, overwrite: bool = False,
             name: str = "", model: str | None = None, device: str = "auto", dtype: str = "auto",
             simulate: bool = False, show_progress: bool = True, objective: str | None = None,
-            search_seeds: int = 4, thresholds: Path | None = None) -> ExtractResult:
+            search_seeds: int = 8, thresholds: Path | None = None) -> ExtractResult:
     """Build a fragment (or, with ``simulate``, the plan and the masked model's images) from a profile.
 
     With ``objective`` ("memory") the levers are chosen by a recipe search (``fragcli.recipe``): candidates are
@@ -155,13 +155,14 @@ def extract(profile_dir: Path, options: dict[str, Any], *, out: Path | None = No
 def _search(profile, options: dict, objective: str, search_seeds: int, thresholds, model, device, dtype,
             show_progress: bool):
     """The recipe search: the best candidate that passes the quality gates, or a one-line refusal."""
-    from fragcli.recipe import default_candidates, search_recipe
+    from fragcli.recipe import default_candidates, search_recipe, unusable_levers
 
     ctx = profile.context
     loaded = load_profiled_model(ctx, model, device, dtype)
+    left_out = unusable_levers(profile, objective, options)  # what this model cannot use: said, then left out
     result = search_recipe(profile, loaded, objective, seeds=ctx["seeds"][:search_seeds],
-                           candidates=default_candidates(objective, fixed=options),
-                           thresholds=thresholds, show_progress=show_progress)
+                           candidates=default_candidates(objective, fixed=options, left_out=left_out),
+                           thresholds=thresholds, show_progress=show_progress, left_out=left_out)
     if result.chosen is None:
         raise result.refusal()
     return result, loaded

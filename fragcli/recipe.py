@@ -5,14 +5,14 @@ A *candidate* is an extract options dict (the levers ``head_retention``, ``ffn_r
 ``quantize``, ``evict_text_encoders``, ``cache_prompt``; None = lever off). For each one: every technique plans from
 the profile (``plan_techniques``; a ``FragError`` = *refused*); the stack is applied to a deep copy of the base
 denoiser swapped into the pipeline for this candidate only (the base goes back untouched; a ``FragError`` while
-checking/applying = *refused*); the search seeds (default: the profile's first 4) are generated at the profile's
+checking/applying = *refused*); the search seeds (default: the profile's first 8) are generated at the profile's
 settings and compared with the profile's full-model images with frag validate's metrics and gates (per image, then
 the aggregate gated like validation.json's ``passed``); resident bytes (the pipeline's weight bytes minus what the
 stack evicts, ``Technique.evicts``: ``text_encoder*``), denoiser bytes and seconds per image are measured.
 
 *Passed* = the aggregate passes every quality gate of thresholds.yaml, tightened by ``SEARCH_MARGIN`` (25% of the way
 towards perfect: pHash <= 9 for 12, CLIP drop <= 1.5% for 2%, SSIM >= 0.7 for 0.6), because the fastest candidate
-that passes on 4 seeds sits at the gate and fails on others about half the time; a non-optional gate that cannot be measured
+that passes on a few seeds sits at the gate and fails on others about half the time; a non-optional gate that cannot be measured
 (CLIP without a judge) is refused up front unless ``allow_unmeasured``. Among passing candidates ``memory`` picks
 the smallest resident bytes (those within ``SIZE_TOLERANCE``, 2%, count as as small: the least aggressive of them
 wins, see ``choose``), ``speed`` the fewest seconds per image (ties: smaller), ``balanced`` the smallest bytes x
@@ -55,15 +55,23 @@ RECIPE_FILE = "recipe.json"
 PLOT_FILE = "recipe.png"
 Objective = Literal["memory", "speed", "balanced"]
 OBJECTIVES: tuple[str, ...] = ("memory", "speed", "balanced")
-DEFAULT_SEARCH_SEEDS = 4
+# 8, not 4: on shapes v2 the same fragment's CLIP drop ranged 0.0-4.6% across seeds, seeds 0 and 1 four to ten
+# times the others (step cache 0.05, max reuse 2: 4.6%, 1.1%, then <= 0.4%), so a 4-seed mean refused every step
+# cache that passes on 20 seeds
+DEFAULT_SEARCH_SEEDS = 8
 SIZE_TOLERANCE = 0.02  # memory: candidates within 2% of the smallest passing one count as as small
 SEARCH_MARGIN = 0.25  # the search gates its few seeds 25% of the way towards perfect (see Thresholds.tightened)
 SPEED_TOLERANCE = 0.10  # speed: within 10% of the fastest count as as fast (one image's time on a shared CPU varies by 25%)
 
 #: Lever -> aggressiveness of a value (higher = removes more; None = lever off = 0); booleans must be equal.
 _RETENTION = ("head_retention", "ffn_retention", "low_rank_energy")
-_THRESHOLD = ("step_cache", "guidance_cut", "cross_attn_gate")  # higher = reuses more (more aggressive); None = off
-_COUNT = ("step_cache_max_reuse",)  # higher = more aggressive (a count; None = the technique's default)
+_THRESHOLD = ("step_cache", "guidance_cut", "cross_attn_gate", "block_cache")  # higher = reuses more; None = off
+_COUNT = ("step_cache_max_reuse", "block_cache_max_reuse")  # higher = more aggressive (None = the default)
+#: A count lever belongs to its threshold lever: left out with it, and off (None) where it is off.
+COMPANIONS = {"step_cache_max_reuse": "step_cache", "block_cache_max_reuse": "block_cache"}
+#: The value a lever is probed with to learn whether the model can use it at all (the loosest the technique
+#: accepts, so that only the model, never this prompt's numbers, decides); other levers: their grid's most aggressive.
+PROBE = {"step_cache": 0.99, "block_cache": 0.99, "guidance_cut": 1e9, "cross_attn_gate": 1e9}
 _QUANT_RANK = {None: 0, "none": 0, "int8": 1, "fp8": 2}  # fp8 (e4m3, 3 mantissa bits) errs more than int8/channel
 _EXACT = ("evict_text_encoders", "cache_prompt")  # no quality cost: never a reason to skip
 LEVERS = (*_RETENTION, *_THRESHOLD, *_COUNT, "quantize", *_EXACT)  # the extract options a recipe chooses
@@ -73,7 +81,9 @@ GRIDS: dict[str, dict[str, Any]] = {
     "memory": {"vary": {"quantize": ("int8", "fp8"), "ffn_retention": (None, 0.8, 0.6),
                         "low_rank_energy": (None, 0.93)},
                "fixed": {"head_retention": None, "evict_text_encoders": True, "cache_prompt": True}},
-    "speed": {"vary": {"step_cache": (0.05, 0.1, 0.2), "step_cache_max_reuse": (4, 6), "guidance_cut": (None, 0.05)},
+    "speed": {"vary": {"step_cache": (0.05, 0.1, 0.2), "step_cache_max_reuse": (4, 6),
+                       "block_cache": (None, 0.05, 0.1, 0.2, 0.3), "block_cache_max_reuse": (2, 4),
+                       "guidance_cut": (None, 0.05)},
               "fixed": {"quantize": None, "head_retention": None, "low_rank_energy": None,
                         "evict_text_encoders": True, "cache_prompt": True}},
     "balanced": {"vary": {"quantize": (None, "int8"), "ffn_retention": (None, 0.8, 0.6),
@@ -155,6 +165,8 @@ class RecipeRecord(Record):
                                                               "the smallest resident bytes count as as small; the "
                                                               "least aggressive of them is chosen")
     search_s: float = Field(description="wall seconds of the whole search (a cost of extraction, H5)")
+    left_out: dict[str, str] = Field(default_factory=dict, description="lever -> why this model cannot use it (left "
+                                                                       "out of every candidate of the default grid)")
     plot: str | None = Field(None, description="the plot beside recipe.json (recipe.png); null: nothing to plot")
 
 
@@ -179,6 +191,8 @@ class RecipeResult:
         first = next((c for c in rec.candidates if c.status == "failed"), None) or \
             next((c for c in rec.candidates if c.reasons), None)
         why = f"; first {first.status}: {first.id}: {first.reasons[0]}" if first is not None and first.reasons else ""
+        if rec.left_out:
+            why += "; left out: " + ", ".join(f"{k} ({v})" for k, v in rec.left_out.items())
         return FragError(f"no {rec.objective} recipe passed the quality gates on seeds {rec.seeds} "
                          f"({count['failed']} failed, {count['refused']} refused, {count['skipped']} skipped{why})",
                          "loosen the gates in thresholds.yaml (--gate), or choose the levers by hand "
@@ -204,6 +218,10 @@ def candidate_id(options: dict[str, Any]) -> str:
         parts.append(f"sc{options['step_cache'] * 100:g}")
     if options.get("step_cache") is not None and options.get("step_cache_max_reuse") is not None:
         parts.append(f"m{options['step_cache_max_reuse']}")
+    if options.get("block_cache") is not None:
+        parts.append(f"bc{options['block_cache'] * 100:g}")
+        if options.get("block_cache_max_reuse") is not None:
+            parts.append(f"m{options['block_cache_max_reuse']}")
     if options.get("guidance_cut") is not None:
         parts.append(f"gc{options['guidance_cut'] * 100:g}")
     if options.get("cross_attn_gate") is not None:
@@ -227,10 +245,12 @@ def _rank(options: dict[str, Any]) -> tuple:
     return (_QUANT_RANK.get(options.get("quantize"), 1), sum(removed), *removed)
 
 
-def default_candidates(objective: str = "memory", fixed: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def default_candidates(objective: str = "memory", fixed: dict[str, Any] | None = None,
+                       left_out: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The objective's grid (``GRIDS``), ordered cheap to aggressive. ``fixed``: levers the user set by hand (a
     value that is None or False is not set), the same in every candidate; other keys (e.g. ``score``) pass
-    through to every candidate."""
+    through to every candidate. ``left_out``: levers this model cannot use (``unusable_levers``), absent from every
+    candidate (with their count levers); a count lever is None where its threshold lever is off."""
     if objective not in GRIDS:
         raise FragError(f"unknown objective {objective!r}", f"use one of: {', '.join(OBJECTIVES)}")
     levers = set(LEVERS)
@@ -239,16 +259,45 @@ def default_candidates(objective: str = "memory", fixed: dict[str, Any] | None =
     if given.get("quantize") == "none":
         given["quantize"] = None  # asked for explicitly: no quantization in any candidate
     passthrough = {k: v for k, v in fixed.items() if k not in levers and v is not None}
-    vary = {k: v for k, v in GRIDS[objective]["vary"].items() if k not in given}
+    gone = set(left_out or ()) | {k for k, lever in COMPANIONS.items() if lever in (left_out or ())}
+    vary = {k: v for k, v in GRIDS[objective]["vary"].items() if k not in given and k not in gone}
     base = {**GRIDS[objective]["fixed"], **passthrough, **given}
     out, seen = [], set()
     for values in itertools.product(*vary.values()):
         opts = {**base, **dict(zip(vary, values, strict=True))}
+        for count, lever in COMPANIONS.items():
+            if count in vary and opts.get(lever) is None:
+                opts[count] = None
         key = tuple(sorted((k, repr(v)) for k, v in opts.items()))
         if key not in seen:
             seen.add(key)
             out.append(opts)
     return sorted(out, key=_rank)
+
+
+def unusable_levers(profile, objective: str, fixed: dict[str, Any] | None = None) -> dict[str, str]:
+    """Levers of the objective's grid that this model cannot use, with the technique's reason: each one is planned
+    alone from ``profile`` at its ``PROBE`` value (else its grid's most aggressive value); a refusal there leaves it
+    out. Levers the user fixed are not probed (their refusal is the error)."""
+    from fragcli.extraction import plan_techniques
+
+    given = {k for k, v in (fixed or {}).items() if v is not None and v is not False}
+    out = {}
+    for lever, values in GRIDS[objective]["vary"].items():
+        if lever in given or lever in COMPANIONS:
+            continue
+        if lever in PROBE:
+            value = PROBE[lever]
+        else:
+            on = [v for v in values if v is not None]
+            if not on:
+                continue
+            value = max(on, key=lambda v: _rank({lever: v}))
+        try:
+            plan_techniques(profile, {lever: value})
+        except FragError as exc:
+            out[lever] = exc.problem
+    return out
 
 
 def more_aggressive(b: dict[str, Any], a: dict[str, Any]) -> bool:
@@ -397,7 +446,8 @@ def mark_pareto(candidates: list[RecipeCandidate], metric: str) -> None:
 
 def search_recipe(profile, loaded, objective: str = "memory", *, seeds: list[int] | None = None,
                   candidates: list[dict[str, Any]] | None = None, thresholds=None, metrics=None,
-                  allow_unmeasured: bool = False, prune: bool = True, show_progress: bool = True) -> RecipeResult:
+                  allow_unmeasured: bool = False, prune: bool = True, show_progress: bool = True,
+                  left_out: dict[str, str] | None = None) -> RecipeResult:
     """Try ``candidates`` (default: ``default_candidates(objective)``) on ``seeds`` of ``profile`` (a
     ``ProfileData``) with ``loaded`` (the profiled ``LoadedModel``; its denoiser is left untouched); see the module
     docstring. ``thresholds``: a ``Thresholds``, a thresholds.yaml path, or None (defaults); ``metrics``: a
@@ -418,7 +468,16 @@ def search_recipe(profile, loaded, objective: str = "memory", *, seeds: list[int
         raise FragError(f"recipe search seeds {seeds} are empty or repeat a seed", "pass distinct seeds")
     th = thresholds if isinstance(thresholds, Thresholds) else load_thresholds(thresholds)
     th = th.tightened(SEARCH_MARGIN)
-    todo = check_candidates(candidates if candidates is not None else default_candidates(objective))
+    if candidates is None:
+        left_out = unusable_levers(profile, objective) if left_out is None else left_out
+        candidates = default_candidates(objective, left_out=left_out)
+    left_out = dict(left_out or {})
+    if left_out and show_progress:
+        from fragcli.console import warn
+
+        for lever, why in left_out.items():
+            warn(f"--objective {objective} leaves out {lever}: {why}")
+    todo = check_candidates(candidates)
     _refuse_if_none_plans(profile, todo)
     base = loaded.denoiser
     if base.__dict__.get("_frag_patches"):
@@ -458,7 +517,8 @@ def search_recipe(profile, loaded, objective: str = "memory", *, seeds: list[int
         model=ModelId(name=loaded.name, hash=loaded.hash), settings=Settings(**s.as_dict()), seeds=seeds,
         thresholds=th.flat(), search_margin=SEARCH_MARGIN, unmeasured=unmeasured, allow_unmeasured=allow_unmeasured, pareto_metric=metric,
         full=full_info, candidates=rows, chosen=best.id if best else None,
-        size_tolerance=SIZE_TOLERANCE, speed_tolerance=SPEED_TOLERANCE, search_s=time.perf_counter() - t0)
+        size_tolerance=SIZE_TOLERANCE, speed_tolerance=SPEED_TOLERANCE, search_s=time.perf_counter() - t0,
+        left_out=left_out)
     return RecipeResult(record)
 
 

@@ -33,8 +33,8 @@ def _first_tensor(x):
         return x
     if hasattr(x, "sample"):
         return x.sample
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
-        return x[0]
+    if isinstance(x, (tuple, list)):  # the first tensor: SD3's last joint block returns (None, hidden_states)
+        return next((v for v in x if isinstance(v, torch.Tensor)), None)
     return None
 
 

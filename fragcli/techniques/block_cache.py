@@ -420,10 +420,13 @@ class BlockCache(RuntimeTechnique):
         budget = check_threshold(options["block_cache"])
         max_reuse = _count(options.get("block_cache_max_reuse"), "--block-cache-max-reuse", DEFAULT_MAX_REUSE, 1)
         first = _count(options.get("block_cache_first"), "--block-cache-first", 1, 1)
-        times, per_seed = read_diffs(profile, first)
         blocks = sorted({b for b in profile.table("blocks", ("block",)).column("block").to_pylist()
                          if b.count(".") == 1 and b.split(".")[0] in BLOCK_LISTS},
                         key=lambda b: (BLOCK_LISTS.index(b.split(".")[0]), int(b.split(".")[1])))
+        if not blocks:
+            raise FragError("block caching needs a transformer denoiser; the profiled one has no transformer blocks "
+                            "(a UNet)", "use --step-cache for a UNet")
+        times, per_seed = read_diffs(profile, first)
         if len(blocks) <= first:
             raise FragError(f"the profiled denoiser has {len(blocks)} transformer blocks: none left to cache after "
                             f"the first {first}", "pass a smaller --block-cache-first, or drop --block-cache")
