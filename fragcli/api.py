@@ -43,6 +43,15 @@ def _seeds(seeds: Seeds) -> list[int]:
     return parse_seeds(",".join(map(str, listed)))
 
 
+def _model(model: str | None) -> str | None:
+    """``--model`` as typed: None (the default model) or a non-empty spec."""
+    if model is not None and not str(model).strip():
+        from fragcli.errors import FragError
+
+        raise FragError("--model is empty", "pass a model (e.g. --model tiny), or leave --model out for the default")
+    return model
+
+
 def _default_out(model_name: str, stage: str) -> Path:
     from fragcli.paths import reports_dir, safe_name, timestamp
 
@@ -113,7 +122,7 @@ def profile(prompt: str, *, model: str | None = None, seeds: Seeds = 8, steps: i
     check_prompt(prompt)
     seed_list = _seeds(seeds)
     check_options(steps, guidance, width, height)
-    name = model or default_model()
+    name = _model(model) or default_model()
     target = check_out_dir(Path(out) if out else _default_out(name, "profile"), overwrite,
                            inputs=command_inputs(model=name))
     loaded = load_model(name, device, dtype)
@@ -170,6 +179,11 @@ def _prepare_validation(fragment_dir, manifest, seeds, paraphrases, paraphrase_s
     from fragcli.validation import ValidateOptions, validate_fragment, write_validation
 
     seed_list = _seeds(seeds)
+    _model(model)
+    if profile is not None:  # a --profile that is no profile folder is refused, not silently ignored
+        from fragcli.paths import read_json
+
+        read_json(Path(profile) / "context.json", "--profile: profile context")
     if isinstance(paraphrases, (str, Path)):
         para = read_paraphrases(Path(paraphrases))
     else:
@@ -225,7 +239,11 @@ def generate(prompt: str, *, fragment: str | Path | None = None, strict: bool = 
     check_options(steps, guidance, width, height)
     seed_list = _seeds(seeds)
     fragment = str(fragment) if fragment is not None else None
-    name = model or _fragment_model(fragment) or default_model()
+    if fragment is not None and not fragment.strip():
+        from fragcli.errors import FragError
+
+        raise FragError("--fragment is empty", "pass a fragment folder or auto, or leave --fragment out")
+    name = _model(model) or _fragment_model(fragment) or default_model()
     inputs = [fragment] if fragment and fragment != "auto" else []
     if fragment == "auto":  # what it resolves to is an input too (every candidate, when that cannot be told yet)
         fragment, inputs = resolve_auto(name, prompt)
@@ -279,6 +297,7 @@ def bench(fragment_dir: Path, *, variants: int = 32, batch_size: int = 1, repeat
     from fragcli.peers import resolve_peers
 
     check_bench_args(variants, batch_size, repeats, steps, memory=memory, memory_repeats=memory_repeats, decode=decode)
+    _model(model)
     resolve_peers(peers)  # an unknown name is refused before anything runs
     m = read_manifest(Path(fragment_dir))
     target = check_out_dir(Path(out) if out else _default_out(m.base_model.name, "bench"), overwrite,
@@ -306,6 +325,7 @@ def sweep(profile_dir: Path, values: Sequence[float], *, option: str = "head_ret
     ``out``/<point>/validate and ``out``/sweep.json. ``options`` are the other extract options, fixed."""
     from fragcli.sweep import run_sweep
 
+    _model(model)
     target, record = run_sweep(Path(profile_dir), list(values), option=option, options=options or {}, seeds=seeds,
                                paraphrases=paraphrases, paraphrase_seeds=paraphrase_seeds, thresholds=thresholds,
                                model=model, device=device, dtype=dtype, out=out, overwrite=overwrite,
@@ -316,7 +336,12 @@ def sweep(profile_dir: Path, values: Sequence[float], *, option: str = "head_ret
 def report(run: Path, *, compare: str = "latest", gate: Path | None = None, sweeps: Sequence[Path] = (),
            out: Path | None = None, overwrite: bool = False) -> ReportResult:
     """Score hypotheses H1-H5, check gates and regressions, write the report folder (``frag report``)."""
+    from fragcli.errors import FragError
     from fragcli.report import make_report
 
+    root = Path(run).expanduser().resolve()
+    if root == Path(root.anchor):
+        raise FragError(f"--run {run} is the filesystem root", "pass the folder frag profile/extract/validate/bench "
+                        "wrote into")
     return make_report(Path(run), compare=compare, gate=gate, out=out, sweeps=[Path(s) for s in sweeps],
                        overwrite=overwrite)

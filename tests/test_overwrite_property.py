@@ -332,3 +332,36 @@ def test_no_output_in_the_model_folder_or_frag_caches(where, frag_home, monkeypa
     target = {"model": lambda: builtin_folder("tiny") / "unet",
               "frag_cache": lambda: cache_dir() / "x"}[where]()
     assert_one_line_error(run_cli("profile", PROMPT, *TINY, "--out", target, "--overwrite"), "input")
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["report", "--run", "/"], "filesystem root"),
+    (["report", "--run", "{p}", "--compare", "{file}"], "--compare"),
+    (["report", "--run", "{p}", "--gate", "/"], "thresholds"),
+    (["report", "--run", "{p}", "--out", "{p}/sub", "--overwrite"], "sits inside an input"),
+    (["validate", "{f}", "--profile", "{file}", "--out", "{home}/v"], "profile context"),
+    (["validate", "/", "--out", "{home}/v"], ""),
+    (["bench", "{file}", "--out", "{home}/b"], ""),
+    (["extract", "{file}", "--out", "{home}/e"], ""),
+    (["sweep", "{home}/.frag", "--out", "{home}/s"], ""),
+    (["generate", PROMPT, "--fragment", "", "--out", "{home}/g"], "--fragment is empty"),
+    (["profile", PROMPT, "-m", "", "--out", "{home}/p"], "--model is empty"),
+    (["profile", PROMPT, *TINY, "--out", "{home}/.frag/models", "--overwrite"], "frag's cache"),
+    (["extract", "{p}", "--out", "{p}/images/x"], "sits inside an input"),
+])
+def test_odd_paths_anywhere_are_one_line_before_any_model_loads(args, needle, made, frag_home, monkeypatch):
+    monkeypatch.chdir(frag_home)
+    (frag_home / ".frag").mkdir()
+    afile = frag_home / "afile"
+    afile.write_text("mine")
+    p = frag_home / "run" / "profile"
+    shutil.copytree(made / "profile", p)
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the paths were checked")
+
+    monkeypatch.setattr("fragcli.models.load_model", no_load)
+    before = snapshot(frag_home)
+    argv = [a.format(p=p, f=made / "fragment", file=afile, home=frag_home) for a in args]
+    assert_one_line_error(run_cli(*argv), needle)
+    assert not _changed(before, snapshot(frag_home))
