@@ -10,7 +10,7 @@ export FRAG_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: setup demo gate baseline test lint clean train-shapes train-judge eval-shapes formats
+.PHONY: setup demo gate baseline test lint clean train-shapes train-judge eval-shapes formats train-shapes-flux demo-flux
 
 setup: $(STAMP)
 
@@ -31,6 +31,17 @@ demo: setup
 	$(FRAG) bench fragments/demo --variants 32 --repeats 3 --peers deepcache,tgate,tomesd --out $(RUN)/bench --overwrite
 	$(FRAG) sweep $(RUN)/profile --values 0.9,0.8,0.7,0.6,0.5 --seeds 8 --out $(RUN)/sweep --overwrite
 	$(FRAG) report --run $(RUN) --sweep $(RUN)/sweep --compare none --out $(RUN)/report --overwrite
+
+# The same chain on shapes-flux (a trained FluxPipeline, tools/train_shapes_flux.py): the speed objective (block
+# caching on transformer denoisers), diffusers' own cache hooks as the peers (DeepCache, T-GATE, tomesd are UNet-only).
+FLUX_RUN ?= reports/demo-flux
+demo-flux: setup
+	$(FRAG) profile "$(PROMPT)" -m shapes-flux --seeds 8 --out $(FLUX_RUN)/profile --overwrite
+	$(FRAG) extract $(FLUX_RUN)/profile --objective speed --out fragments/demo-flux --overwrite
+	$(FRAG) validate fragments/demo-flux --seeds 20 --profile $(FLUX_RUN)/profile --out $(FLUX_RUN)/validate --overwrite
+	$(FRAG) generate "$(PROMPT)" -m shapes-flux --fragment fragments/demo-flux --seeds 0-7 --batch-size 4 --out $(FLUX_RUN)/generate --overwrite
+	$(FRAG) bench fragments/demo-flux --variants 32 --repeats 3 --peers fbcache,taylorseer,pab --out $(FLUX_RUN)/bench --overwrite
+	$(FRAG) report --run $(FLUX_RUN) --compare none --out $(FLUX_RUN)/report --overwrite
 
 # The CI regression gate: the same chain at small settings, compared with the committed baseline.
 # Retention 0.9: the point where the shapes fragment passes the quality gates today, so a regression shows.
@@ -57,11 +68,19 @@ test: setup
 train-shapes: setup
 	nice -n 10 $(PY) tools/train_shapes.py --stage all --log reports/train-shapes.log $(if $(FRESH),--fresh)
 
+# shapes-flux (a FluxPipeline: shapes v2's VAE and CLIP tower, a small T5 and a Flux transformer trained here): fixed
+# steps and seeds, 1 torch thread (2 cost 2.5x the CPU time on a shared 2-core machine); rerunning resumes. Writes
+# tools/out/shapes_flux/pipeline; `python tools/train_shapes_flux.py --stage finish --install` ships it.
+train-shapes-flux: setup
+	nice -n 10 $(PY) tools/train_shapes_flux.py --stage all --log reports/train-shapes-flux.log
+
 train-judge: setup
 	nice -n 10 $(PY) tools/train_shapes.py --stage judges --log reports/train-judge.log
 
+# MODEL=shapes-flux measures the trained Flux pipeline the same way (its frag.json's steps and guidance).
+EVAL_MODEL := $(if $(MODEL),$(MODEL),shapes)
 eval-shapes: setup
-	$(PY) tools/eval_shapes.py --json --out reports/shapes_eval.json
+	$(PY) tools/eval_shapes.py --model $(EVAL_MODEL) --json --out reports/$(subst -,_,$(EVAL_MODEL))_eval.json
 
 lint: setup
 	$(VENV)/bin/ruff check fragcli tests tools
