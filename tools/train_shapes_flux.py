@@ -94,7 +94,7 @@ NEUTRAL = {"stage", "log", "install", "out", "stop_at_step", "eval_prompts", "ev
 # the settings each stage's result depends on (None: every setting not in NEUTRAL)
 STAGE_KEYS = {"t5": ("seed", "threads", "n_images", "t5_dim", "t5_layers", "t5_steps", "t5_batch", "t5_lr",
                      "t5_pad_weight"),
-              "latents": ("seed", "threads", "n_images"), "transformer": None}
+              "latents": ("seed", "threads", "n_images", "pool"), "transformer": None}
 STAGE_KEYS["captions"] = STAGE_KEYS["t5"] + ("pool",)
 
 
@@ -349,9 +349,14 @@ def load_vae(run: Run | None = None):
     return vae.eval().requires_grad_(False)
 
 
+def used_scenes(args) -> int:
+    """The caption pool uses scenes 0 .. min(n_images, pool) - 1 (one wording each, more if pool > n_images)."""
+    return min(args.n_images, args.pool)
+
+
 def stage_latents(run: Run) -> dict:
     args = run.args
-    scenes = world.sample_scenes(args.n_images, args.seed + 1, split="train", p_single=P_SINGLE)
+    scenes = world.sample_scenes(args.n_images, args.seed + 1, split="train", p_single=P_SINGLE)[:used_scenes(args)]
     vae = load_vae()
     lat, masks = [], []
     with progress() as prog, torch.no_grad():
@@ -502,10 +507,9 @@ def new_transformer(args, text: TextCond):
 def stage_transformer(run: Run) -> dict:
     args = run.args
     seed_all(args.seed + 3)
-    scenes = world.sample_scenes(args.n_images, args.seed + 1, split="train", p_single=P_SINGLE)
     info = run.read_stage("latents")
     data = torch.load(run.work / "latents.pt", weights_only=True)
-    if info is None or len(data["latents"]) != len(scenes):
+    if info is None or len(data["latents"]) != used_scenes(args):
         raise SystemExit("the latent cache does not match --n-images; rerun --stage latents")
     x0_all = pack((data["latents"].float() - info["shift_factor"]) * info["scaling_factor"])
     w = 1.0 + args.object_weight * F.max_pool2d(data["masks"].float(), 3, stride=1, padding=1)
@@ -747,11 +751,11 @@ def parse_args(argv=None):
     p.add_argument("--t5-pad-weight", type=float, default=1.0, help="weight of the pad-spread loss (pads alike)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=24)
-    p.add_argument("--pool", type=int, default=12288, help="encoded (scene, wording) pairs the transformer trains on")
+    p.add_argument("--pool", type=int, default=6144, help="encoded (scene, wording) pairs the transformer trains on")
     p.add_argument("--dual-blocks", type=int, default=2)
     p.add_argument("--single-blocks", type=int, default=4)
-    p.add_argument("--steps", type=int, default=1500, help="transformer training steps")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=800, help="transformer training steps")
+    p.add_argument("--batch", type=int, default=24)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--cfg-dropout", type=float, default=0.1)
@@ -761,12 +765,12 @@ def parse_args(argv=None):
     p.add_argument("--guide-max", type=float, default=5.0, help="largest distilled guidance scale (1: none)")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--stop-at-step", type=int, default=0, help="exit after this step (tests: a simulated interruption)")
-    p.add_argument("--probe-every", type=int, default=500, help="steps between learning-curve probes (0: none)")
+    p.add_argument("--probe-every", type=int, default=400, help="steps between learning-curve probes (0: none)")
     p.add_argument("--probe-prompts", type=int, default=40)
     p.add_argument("--probe-guidance", type=float, default=3.0)
     p.add_argument("--default-steps", type=int, default=8, help="the pipeline's default inference steps")
     p.add_argument("--guidance-sweep", type=float, nargs="+", default=[1.0, 2.0, 3.5])
-    p.add_argument("--sweep-prompts", type=int, default=60)
+    p.add_argument("--sweep-prompts", type=int, default=40)
     p.add_argument("--eval-zero-shot", type=int, default=400)
     p.add_argument("--eval-prompts", type=int, default=200)
     p.add_argument("--eval-families", type=int, default=30)
