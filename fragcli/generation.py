@@ -105,6 +105,7 @@ def call_options(pipe) -> dict:
     render 64x64 at 256x256 and resize)."""
     import inspect
 
+    pipe = getattr(pipe, "_pipe", pipe)  # a peer's wrapper (fragcli.peers.PeerPipe): the pipeline it calls
     params = inspect.signature(type(pipe).__call__).parameters
     return {"use_resolution_binning": False} if "use_resolution_binning" in params else {}
 
