@@ -23,8 +23,8 @@ a generation, as after a guidance cut-off, keeps the conditional half of the cac
 ``forward`` is wrapped (not copied) so that on a reuse step it returns its cached output. With every step computed
 the patched UNet equals the plain one exactly (a test). No tensor changes: a step-cache fragment has no weight delta.
 
-UNet2DConditionModel only (SD 1.5, SDXL); DiT denoisers are refused with the module named (their block caching is
-the architectures issue).
+UNet2DConditionModel only (SD 1.5, SDXL); DiT denoisers are refused with the module named (their lever is the
+block cache, ``fragcli.techniques.block_cache``).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _top_blocks(denoiser) -> tuple[list[str], list[str]]:
     downs, ups = getattr(denoiser, "down_blocks", None), getattr(denoiser, "up_blocks", None)
     if downs is None or ups is None or getattr(denoiser, "mid_block", None) is None:
         raise FragError(f"step caching needs a UNet with down, mid and up blocks; the denoiser is a {kind}",
-                        "drop --step-cache for this model (DiT block caching is not built yet)")
+                        "use --block-cache for a transformer denoiser")
     if len(downs) < 2 or len(ups) < 2:
         raise FragError(f"step caching needs at least two down and two up blocks; this {kind} has "
                         f"{len(downs)} and {len(ups)}", "drop --step-cache for this model")
@@ -233,7 +233,7 @@ class StepCache(RuntimeTechnique):
         ups = [n for n in names if n.startswith("up_blocks.")]
         if len(downs) < 2 or len(ups) < 2:
             raise FragError("step caching needs a UNet profile with at least two down and two up blocks",
-                            "drop --step-cache for this model")
+                            "use --block-cache for a transformer denoiser")
         branch = ups[-2]
         times, drift = read_drift(profile, branch)
         computed = schedule(drift, threshold, max_reuse)
