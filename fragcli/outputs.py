@@ -155,9 +155,23 @@ def foreign(folder: Path, marker: OutputMarker) -> str | None:
         entry = marker.files.get(rel)
         if entry is None or not stat.S_ISREG(st.st_mode):
             return f"a file frag did not write ({rel})"
-        if st.st_size != entry.bytes or hash_file(path).sha256 != entry.sha256:
+        if st.st_size != entry.bytes or _verified_hash(path, st) != entry.sha256:
             return f"{rel}, changed since frag wrote it (so it is yours now)"
     return None
+
+
+_VERIFIED: dict[tuple, str] = {}  # (path, inode, size, mtime) -> SHA-256, this process's earlier checks
+
+
+def _verified_hash(path: Path, st: os.stat_result) -> str:
+    """A file's SHA-256; hashed once per process while unchanged (check_out_dir, then again just before the swap:
+    a multi-GB fragment is not hashed twice)."""
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        if len(_VERIFIED) > 100_000:
+            _VERIFIED.clear()
+        _VERIFIED[key] = hash_file(path).sha256
+    return _VERIFIED[key]
 
 
 def check_replaceable(out: Path) -> None:
