@@ -22,8 +22,15 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # The main job on the default model: profile -> extract (the speed recipe) -> validate -> generate -> bench (with
-# the peers that are installed: pip install '.[peers]') -> sweep (head pruning, for H1) -> report (H1-H5).
-demo: setup
+# the peers DeepCache, T-GATE and tomesd) -> sweep (head pruning, for H1) -> report (H1-H5).
+# The peers (DeepCache, T-GATE, tomesd) are small pure-Python packages, installed for the demo's comparison only
+# (--no-deps: they pin nothing frag needs; `make test` and frag itself never import them).
+PEERS_STAMP := $(VENV)/.frag-peers
+$(PEERS_STAMP): $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'DeepCache>=0.1.1' 'tgate>=1.0.0' 'tomesd>=0.1.3'
+	@touch $(PEERS_STAMP)
+
+demo: setup $(PEERS_STAMP)
 	$(FRAG) profile "$(PROMPT)" --seeds 8 --out $(RUN)/profile --overwrite
 	$(FRAG) extract $(RUN)/profile --objective speed --out fragments/demo --overwrite
 	$(FRAG) validate fragments/demo --seeds 20 --profile $(RUN)/profile --out $(RUN)/validate --overwrite

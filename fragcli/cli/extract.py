@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from fragcli.cli import options as o
+from fragcli.recipe import DEFAULT_SEARCH_SEEDS
 
 
 def extract(
@@ -66,7 +67,7 @@ def extract(
                                  "one). Writes recipe.json.",
                                  show_default=False)
     ] = None,
-    search_seeds: Annotated[int, typer.Option("--search-seeds", min=1, help="Seeds per candidate for --objective.")] = 4,
+    search_seeds: Annotated[int, typer.Option("--search-seeds", min=1, help="Seeds per candidate for --objective.")] = DEFAULT_SEARCH_SEEDS,
     thresholds: o.Thresholds = None,
     score: Annotated[str, typer.Option("--score", help="energy | entropy | composite (see docs).")] = "composite",
     per_module: Annotated[bool, typer.Option("--per-module", help="Apply the retention in every module, not globally.")] = False,
