@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import stat
 import time
@@ -57,6 +58,17 @@ def run_cli(*args):
 
 
 COUNTS: dict[str, Counter] = defaultdict(Counter)
+REASONS: Counter = Counter()
+
+
+def _reason(line: str) -> str:
+    line = re.sub(r"/\S*", "", line)  # the paths (a tree's folder names hold words such as 'folder')
+    for key in ("an input", "filesystem root", "symbolic link", "is a file", "FRAG_HOME", "working directory",
+                "by an older frag", "frag did not write it", "is not frag's", "did not create", "did not write",
+                "changed since"):
+        if key in line:
+            return key
+    return line
 TIMES: dict = defaultdict(list)
 
 
@@ -175,9 +187,9 @@ def targets(t: Path, seed: int) -> list[Path]:
     found = [t]
     for dirpath, dirnames, _ in os.walk(t):
         found += [Path(dirpath) / d for d in sorted(dirnames)]
-    some_file = next(p for p in sorted(t.rglob("note*")) if p.is_file())
+    some_file = next(p for p in sorted(t.glob("u*/note*")) if p.is_file())
     odd = [Path("/"), some_file, some_file / "below", t / ".frag" / "sub", t / "link-to-spare", t / "link-to-u0"]
-    return found + odd + [t / "new-out"]
+    return list(dict.fromkeys(found + odd + [t / "new-out"]))  # (os.walk lists symlinked folders too)
 
 
 _HASHES: dict[tuple, str] = {}
@@ -234,7 +246,7 @@ def test_overwrite_never_changes_a_user_byte(seed, tmp_path, made, frag_home, mo
         dry = target in allowed and real[name] != target
         before = snapshot(t)
         t0 = time.perf_counter()
-        with _dry_run(monkeypatch, dry):
+        with _dry_run(monkeypatch, dry), _no_model(monkeypatch, target not in allowed):
             result = run_cli(*argv, "--out", target, "--overwrite")
         TIMES[name, result.exit_code == 0].append(time.perf_counter() - t0)
         after = snapshot(t)
@@ -246,7 +258,7 @@ def test_overwrite_never_changes_a_user_byte(seed, tmp_path, made, frag_home, mo
         if result.exit_code != 0:
             COUNTS[name]["refused"] += 1
             assert target not in allowed, (name, target, result.output)
-            assert_one_line_error(result)
+            REASONS[_reason(assert_one_line_error(result))] += 1
             assert not _changed(before, after), (name, target, sorted(_changed(before, after)), result.output)
             continue
         assert target in allowed, f"{name} wrote over {target}, which frag may not replace: {result.output}"
@@ -265,6 +277,7 @@ def test_overwrite_never_changes_a_user_byte(seed, tmp_path, made, frag_home, mo
     assert total >= len(cases)
     print(f"\noverwrite cases (trees so far): {dict((k, dict(v)) for k, v in sorted(COUNTS.items()))}")
     print({f"{k[0]}:{'ok' if k[1] else 'refused'}": (len(v), round(sum(v), 1)) for k, v in sorted(TIMES.items())})
+    print(f"refusals by reason: {dict(REASONS.most_common())}")
 
 
 DRY = "[dry run] the output check passed"
@@ -289,6 +302,22 @@ def _dry_run(monkeypatch, dry: bool):
     with monkeypatch.context() as m:
         m.setattr(fragcli.paths, "check_out_dir", check_then_stop)
         m.setattr(fragcli.report.build, "check_out_dir", check_then_stop)
+        yield
+
+
+@contextlib.contextmanager
+def _no_model(monkeypatch, refused: bool):
+    """Where the command must refuse, it must do so before any model loads."""
+    if not refused:
+        yield
+        return
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the output was refused")
+
+    with monkeypatch.context() as m:
+        m.setattr("fragcli.models.load_model", no_load)
+        m.setattr("fragcli.models.load_components", no_load)
         yield
 
 
