@@ -100,7 +100,9 @@ def report(
     to reports/<model>/<timestamp>/.
 
     Exit codes: 0 all enforced gates pass, 1 a gate fails, 2 bad input, 3 INVALID: a gate could not be measured
-    (a metric missing and not marked optional in thresholds.yaml; a gate never passes on nothing).
+    (a metric missing and not marked optional in thresholds.yaml; a gated regression whose metric is missing or
+    NaN/inf in the baseline or this run, unless regression.optional lists it; --compare baseline with no baseline;
+    no quality metric measured at all): a gate never passes on nothing.
 
     Example: frag report --run reports/shapes/20250101T000000Z --compare baseline --gate thresholds.yaml
     """
