@@ -22,7 +22,7 @@ import train_shapes_flux as tsf  # noqa: E402
 
 TINY = ["--n-images", "48", "--pool", "48", "--t5-steps", "2", "--t5-batch", "4", "--t5-dim", "16",
         "--steps", "6", "--batch", "4", "--heads", "2", "--head-dim", "8", "--dual-blocks", "1", "--single-blocks", "1",
-        "--ckpt-every", "2", "--probe-every", "0", "--guide-start", "0.5", "--threads", "1"]
+        "--ckpt-every", "2", "--probe-every", "0", "--guide-start", "0.5", "--threads", "1", "--hi-steps", "2"]
 
 
 def _tiny_transformer():
@@ -58,17 +58,17 @@ def test_pad_compression_equals_the_full_512_token_sequence():
     assert not torch.allclose(full, wrong, atol=1e-3)
 
 
-def _weights(folder: Path) -> dict:
+def _weights(folder: Path, name: str = "transformer") -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    return load_file(str(folder / name / "diffusion_pytorch_model.safetensors"))
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert tsf.main(["--stage", "train", "--out", str(a), *TINY]) == 0
     # the same inputs (t5, latents, captions) for the interrupted run; its transformer starts from nothing
-    shutil.copytree(a, b, ignore=shutil.ignore_patterns("transformer*", "stage-transformer.json"))
+    shutil.copytree(a, b, ignore=shutil.ignore_patterns("transformer*", "stage-transformer*.json"))
     with pytest.raises(SystemExit) as stop:
         tsf.main(["--stage", "train", "--out", str(b), "--stop-at-step", "3", *TINY])
     assert stop.value.code == 3
@@ -83,6 +83,10 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
     info = tsf.Run(tsf.parse_args(["--out", str(b), *TINY])[1]).read_stage("transformer")
     assert info["resumed_at_step"] == 2 and info["guide_start_step"] == 3
     assert info["loss_curve"] and info["steps"] == 6
+    # the high-noise stage continued from the main stage's end and changed the weights again
+    hi_a, hi_b = (_weights(x, "transformer_hi") for x in (a, b))
+    assert all(torch.equal(hi_a[k], hi_b[k]) for k in hi_a)
+    assert any(not torch.equal(hi_a[k], wa[k]) for k in wa)
     init = _initial_weights(a)
     assert any(not torch.equal(init[k], wa[k].float()) for k in wa)
 

@@ -505,8 +505,20 @@ def new_transformer(args, text: TextCond):
 
 
 def stage_transformer(run: Run) -> dict:
+    return train_transformer(run, hi=False)
+
+
+def stage_transformer_hi(run: Run) -> dict:
+    """Continues the transformer (model, EMA, optimizer) with half of each batch at high noise, sigma ~ U[``--hi-low``,
+    1]. The first sampling step is at sigma = 1, where the logit-normal sampling of the main stage hardly trains
+    (P(sigma > 0.95) ~ 0.5%): after it, one-step x0 predictions were right at sigma <= 0.8 but noise-textured at
+    sigma = 1, and so were the sampled images."""
+    return train_transformer(run, hi=True)
+
+
+def train_transformer(run: Run, hi: bool) -> dict:
     args = run.args
-    seed_all(args.seed + 3)
+    seed_all(args.seed + (4 if hi else 3))
     info = run.read_stage("latents")
     data = torch.load(run.work / "latents.pt", weights_only=True)
     if info is None or len(data["latents"]) != used_scenes(args):
@@ -526,13 +538,23 @@ def stage_transformer(run: Run) -> dict:
     ema = new_transformer(args, text)[0].eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    r = random.Random(args.seed + 31)
-    g = torch.Generator().manual_seed(args.seed + 32)
+    r = random.Random(args.seed + (41 if hi else 31))
+    g = torch.Generator().manual_seed(args.seed + (42 if hi else 32))
     ids = image_ids()
     empty = text.encode([""])
     start, losses, curve, cpu_before = 0, [], [], 0.0
-    ckpt = run.work / "transformer_ckpt.pt"
-    key = run.key()
+    total, peak, warmup, ema_decay = ((args.hi_steps, args.hi_lr, 20, args.hi_ema) if hi
+                                      else (args.steps, args.lr, 100, args.ema))
+    ckpt = run.work / ("transformer_hi_ckpt.pt" if hi else "transformer_ckpt.pt")
+    key = run.key(*transformer_key_names(run.args, hi))
+    if hi and not ckpt.is_file():  # start from the main stage's end state
+        main = torch.load(run.work / "transformer_ckpt.pt", weights_only=False)
+        if main["key"] != run.key(*transformer_key_names(run.args, False)) or main["step"] != args.steps:
+            raise SystemExit("run --stage transformer (to its last step, with these settings) first")
+        model.load_state_dict(main["model"])
+        ema.load_state_dict(main["ema"])
+        opt.load_state_dict(main["opt"])
+        del main
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)  # our own local checkpoint (optimizer and RNG states)
         if state["key"] != key:
@@ -546,7 +568,7 @@ def stage_transformer(run: Run) -> dict:
         np.random.set_state(state["np_rng"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["global_py_rng"])
-        log(f"resumed the transformer at step {start} ({cpu_before / 60:.1f} CPU-min before)")
+        log(f"resumed {'transformer_hi' if hi else 'the transformer'} at step {start} ({cpu_before / 60:.1f} CPU-min before)")
     c0 = time.process_time()
 
     def save_ckpt(step: int) -> None:
@@ -555,13 +577,14 @@ def stage_transformer(run: Run) -> dict:
                            "py_rng": r.getstate(), "gen_rng": g.get_state(), "np_rng": np.random.get_state(),
                            "torch_rng": torch.get_rng_state(), "global_py_rng": random.getstate()}, ckpt)
 
-    guide_from = int(args.guide_start * args.steps)
+    guide_from = 0 if hi else int(args.guide_start * args.steps)
+    name = "transformer_hi" if hi else "transformer"
     step = start - 1
     with progress() as prog:
-        task = prog.add_task("transformer", total=args.steps, completed=start, info="")
-        for step in range(start, args.steps):
+        task = prog.add_task(name, total=total, completed=start, info="")
+        for step in range(start, total):
             for gr in opt.param_groups:
-                gr["lr"] = lr_at(step, args.steps, args.lr, 100)
+                gr["lr"] = lr_at(step, total, peak, warmup)
             b = args.batch
             cap = torch.tensor([r.randrange(args.pool) for _ in range(b)])
             drop = torch.tensor([r.random() < args.cfg_dropout for _ in range(b)])  # caption dropout: ""
@@ -573,6 +596,9 @@ def stage_transformer(run: Run) -> dict:
             sigma = torch.sigmoid(u)
             uni = torch.rand(b, generator=g)
             sigma = torch.where(torch.rand(b, generator=g) < 0.1, uni, sigma)  # 10% uniform: the ends are sampled
+            if hi:  # half of the batch at high noise, up to sigma = 1 (the first sampling step)
+                high = args.hi_low + (1 - args.hi_low) * torch.rand(b, generator=g)
+                sigma = torch.where(torch.arange(b) % 2 == 1, high, sigma)
             xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
             target = noise - x0
             gscale = torch.ones(b)
@@ -593,25 +619,25 @@ def stage_transformer(run: Run) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            decay = min(args.ema, (1 + step) / (10 + step))
+            decay = ema_decay if hi else min(args.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
                     pe.lerp_(p, 1 - decay)
             losses.append(float(loss.detach()))
-            if step % 10 == 0 or step == args.steps - 1:
+            if step % 10 == 0 or step == total - 1:
                 prog.update(task, completed=step + 1, info=f"loss {np.mean(losses[-50:]):.4f}")
-                if step % 50 == 0 or step == args.steps - 1:
+                if step % 50 == 0 or step == total - 1:
                     cpu = cpu_before + time.process_time() - c0
-                    log(f"transformer step {step} loss {np.mean(losses[-50:]):.5f} lr {opt.param_groups[0]['lr']:.2e} "
+                    log(f"{name} step {step} loss {np.mean(losses[-50:]):.5f} lr {opt.param_groups[0]['lr']:.2e} "
                         f"({cpu / max(1, step + 1):.2f} CPU-s/step, {cpu / 60:.1f} CPU-min)")
-            if args.probe_every and (step + 1) % args.probe_every == 0 and step + 1 < args.steps:
+            if args.probe_every and (step + 1) % args.probe_every == 0 and step + 1 < total:
                 state = torch.random.get_rng_state()  # the probe must not move the training RNG
+                gp = args.probe_guidance if step >= guide_from else 1.0  # the guidance embedding is learned from then
                 with torch.no_grad():
-                    acc = probe_accuracy(build_pipeline(run, ema, text), args.probe_prompts, args.probe_guidance,
-                                         args.default_steps)
+                    acc = probe_accuracy(build_pipeline(run, ema, text), args.probe_prompts, gp, args.default_steps)
                 torch.random.set_rng_state(state)
-                curve.append({"step": step + 1, **acc})
-                log(f"transformer step {step + 1}: probe {acc}")
+                curve.append({"step": step + 1, "guidance": gp, **acc})
+                log(f"{name} step {step + 1}: probe {acc}")
             if (step + 1) % args.ckpt_every == 0:
                 save_ckpt(step + 1)
             if args.stop_at_step and step + 1 >= args.stop_at_step:
@@ -619,9 +645,10 @@ def stage_transformer(run: Run) -> dict:
                 raise SystemExit(3)
     done = step + 1
     save_ckpt(done)
-    ema.save_pretrained(run.work / "transformer", safe_serialization=True)
+    ema.save_pretrained(run.work / name, safe_serialization=True)
     cpu = cpu_before + time.process_time() - c0
-    return {"steps": done, "batch": args.batch, "lr": args.lr, "ema": args.ema, "cfg_dropout": args.cfg_dropout,
+    extra = {"high_noise": {"share": 0.5, "sigma_low": args.hi_low}} if hi else {}
+    return {**extra, "steps": done, "batch": args.batch, "lr": peak, "ema": ema_decay, "cfg_dropout": args.cfg_dropout,
             "object_weight": args.object_weight, "logit_normal_std": args.logit_std, "guide_start_step": guide_from,
             "guide_max": args.guide_max, "config": cfg, "params": sum(p.numel() for p in model.parameters()),
             "resumed_at_step": start or None, "cpu_seconds_total": cpu,
@@ -630,11 +657,17 @@ def stage_transformer(run: Run) -> dict:
             "loss_curve": [float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)]}
 
 
+def transformer_key_names(args, hi: bool) -> tuple[str, ...]:
+    """The main stage does not depend on the --hi-* settings (so the high-noise stage can be changed alone)."""
+    return tuple(k for k in vars(args) if k not in NEUTRAL and (hi or not k.startswith("hi_")))
+
+
 # ---- stage: assemble ------------------------------------------------------------------------------------------------
 def stage_assemble(run: Run) -> dict:
     from diffusers import FluxTransformer2DModel
 
-    transformer = FluxTransformer2DModel.from_pretrained(str(run.work / "transformer"), torch_dtype=torch.float32,
+    name = "transformer_hi" if run.args.hi_steps > 0 else "transformer"
+    transformer = FluxTransformer2DModel.from_pretrained(str(run.work / name), torch_dtype=torch.float32,
                                                          use_safetensors=True)
     pipe = build_pipeline(run, transformer)
     pipe.to(torch.float16)
@@ -688,7 +721,8 @@ def stage_eval(run: Run) -> dict:
 def write_report(run: Run) -> None:
     import eval_shapes
 
-    stages = {n: run.read_stage(n) for n in ("t5", "latents", "captions", "transformer", "assemble", "eval")}
+    stages = {n: run.read_stage(n) for n in ("t5", "latents", "captions", "transformer", "transformer_hi", "assemble",
+                                             "eval")}
     cpu_min = {k: round(v["cpu_seconds"] / 60, 2) for k, v in stages.items() if v and "cpu_seconds" in v}
     ev = (stages.get("eval") or {}).get("evaluation", {})
     sweep = ev.get("guidance_sweep", {})
@@ -713,7 +747,8 @@ def write_report(run: Run) -> None:
                                "unchanged pipeline (512 tokens)",
         },
         "stages": stages, "cpu_minutes": cpu_min,
-        "training_cpu_minutes": round(sum(v for k, v in cpu_min.items() if k in ("t5", "latents", "captions", "transformer")), 2),
+        "training_cpu_minutes": round(sum(v for k, v in cpu_min.items() if k in ("t5", "latents", "captions", "transformer",
+                                                                         "transformer_hi")), 2),
         "settings": {k: v for k, v in sorted(vars(run.args).items())},
         "sizes": {"pipeline_bytes": sum(f.stat().st_size for f in run.pipe_dir.rglob("*") if f.is_file())},
         "evaluation": ev, "default_guidance": (stages.get("eval") or {}).get("default_guidance"),
@@ -725,9 +760,9 @@ def write_report(run: Run) -> None:
 
 
 STAGES = {"t5": stage_t5, "latents": stage_latents, "captions": stage_captions, "transformer": stage_transformer,
-          "assemble": stage_assemble, "eval": stage_eval}
-GROUPS = {"all": ["t5", "latents", "captions", "transformer", "assemble", "eval"],
-          "train": ["t5", "latents", "captions", "transformer"],
+          "transformer_hi": stage_transformer_hi, "assemble": stage_assemble, "eval": stage_eval}
+GROUPS = {"all": ["t5", "latents", "captions", "transformer", "transformer_hi", "assemble", "eval"],
+          "train": ["t5", "latents", "captions", "transformer", "transformer_hi"],
           "finish": ["assemble", "eval"]}
 # stages whose result depends on an earlier one (a finished stage is redone when its inputs changed)
 ALWAYS_RUN = {"assemble", "eval"}
@@ -763,6 +798,10 @@ def parse_args(argv=None):
     p.add_argument("--logit-std", type=float, default=1.0, help="std of the logit-normal noise-level sampling")
     p.add_argument("--guide-start", type=float, default=0.5, help="share of the steps before guidance is learned")
     p.add_argument("--guide-max", type=float, default=5.0, help="largest distilled guidance scale (1: none)")
+    p.add_argument("--hi-steps", type=int, default=150, help="steps of the high-noise stage (0: none)")
+    p.add_argument("--hi-lr", type=float, default=2e-4)
+    p.add_argument("--hi-low", type=float, default=0.8, help="the high-noise half of a batch: sigma ~ U[this, 1]")
+    p.add_argument("--hi-ema", type=float, default=0.99)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--stop-at-step", type=int, default=0, help="exit after this step (tests: a simulated interruption)")
     p.add_argument("--probe-every", type=int, default=400, help="steps between learning-curve probes (0: none)")
@@ -798,7 +837,8 @@ def main(argv=None) -> int:
     log(f"stages {names}; seed {args.seed}; threads {args.threads}; out {run.work}")
     for n in names:
         done = run.read_stage(n)
-        key = run.key(*(STAGE_KEYS.get(n) or ()))
+        key = run.key(*(STAGE_KEYS.get(n) or (transformer_key_names(args, n == "transformer_hi")
+                                               if n.startswith("transformer") else ())))
         if n not in ALWAYS_RUN and done and done.get("key") == key:
             log(f"stage {n}: already done with these settings ({done['cpu_seconds'] / 60:.1f} CPU-min); skipped")
             continue
