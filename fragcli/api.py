@@ -217,7 +217,8 @@ class GenerateResult:
         return _typed("RunRecord", self.run)
 
     def summary(self) -> dict[str, Any]:
-        return {k: self.run[k] for k in ("out", "model", "fragment", "fallback_reason", "images_per_min", "total_s")}
+        keys = ("out", "model", "fragment", "fallback_reason", "images_per_min", "total_s", "library")
+        return {k: self.run.get(k) for k in keys}
 
 
 def generate(prompt: str, *, fragment: str | Path | None = None, strict: bool = False, model: str | None = None,
@@ -225,10 +226,12 @@ def generate(prompt: str, *, fragment: str | Path | None = None, strict: bool = 
              width: int | None = None, height: int | None = None, batch_size: int = 1, device: str = "auto",
              dtype: str = "auto", out: Path | None = None, overwrite: bool = False, show_progress: bool = True,
              on_fallback: Callable[[str], None] | None = None,
-             evict_text_encoders: bool | None = None) -> GenerateResult:
+             evict_text_encoders: bool | None = None, min_similarity: float | None = None) -> GenerateResult:
     """One image per seed, with ``fragment`` (a folder or 'auto') when it is accepted, else the full model
     (``on_fallback(reason)`` is called; with ``strict`` the refusal is raised instead). Writes PNGs + run.json.
-    ``evict_text_encoders``: None = the fragment's default (see ``frag extract --evict-text-encoders``)."""
+    ``evict_text_encoders``: None = the fragment's default (see ``frag extract --evict-text-encoders``).
+    ``min_similarity``: 'auto' picks from the fragment library by prompt similarity (``fragcli.library``); None =
+    thresholds.yaml's ``fragment_min_similarity``."""
     from fragcli.generation import check_options, check_prompt
     from fragcli.models import default_model
     from fragcli.outputs import command_inputs
@@ -238,6 +241,10 @@ def generate(prompt: str, *, fragment: str | Path | None = None, strict: bool = 
     check_prompt(prompt)
     check_options(steps, guidance, width, height)
     seed_list = _seeds(seeds)
+    if min_similarity is not None and not -1.0 <= min_similarity <= 1.0:
+        from fragcli.errors import FragError
+
+        raise FragError(f"--min-similarity {min_similarity:g} is outside [-1, 1]", "pass a cosine similarity, e.g. 0.9")
     fragment = str(fragment) if fragment is not None else None
     if fragment is not None and not fragment.strip():
         from fragcli.errors import FragError
@@ -245,14 +252,15 @@ def generate(prompt: str, *, fragment: str | Path | None = None, strict: bool = 
         raise FragError("--fragment is empty", "pass a fragment folder or auto, or leave --fragment out")
     name = _model(model) or _fragment_model(fragment) or default_model()
     inputs = [fragment] if fragment and fragment != "auto" else []
-    if fragment == "auto":  # what it resolves to is an input too (every candidate, when that cannot be told yet)
-        fragment, inputs = resolve_auto(name, prompt)
+    if fragment == "auto":  # what it may resolve to is an input too (the library decides once the model is loaded)
+        _exact, inputs = resolve_auto(name, prompt)
     target = check_out_dir(Path(out) if out else _default_out(name, "generate"), overwrite,
                            inputs=command_inputs(*inputs, model=name))
     run = run_generation(name, prompt, fragment, seed_list, target, steps=steps, guidance=guidance,
                          negative_prompt=negative_prompt, width=width, height=height, batch_size=batch_size,
                          device=device, dtype=dtype, strict=strict, show_progress=show_progress,
-                         on_fallback=on_fallback, evict_text_encoders=evict_text_encoders)
+                         on_fallback=on_fallback, evict_text_encoders=evict_text_encoders,
+                         min_similarity=min_similarity)
     return GenerateResult(target, run)
 
 

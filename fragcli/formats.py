@@ -124,6 +124,14 @@ RUN = """\
 ## Generation (`frag generate`, writes `seed-<n>.png` and `run.json` in its --out folder)
 """
 
+LIBRARY = """\
+## Fragment library (`$FRAG_HOME/.frag/library.sqlite`, `$FRAG_HOME/config.yaml`; `frag cache`)
+
+SQLite (WAL journal): table `fragments`, one row per fragment folder (below; `embedding` is a little-endian float32
+blob, `techniques`/`quality`/`performance` JSON text), table `prompts` (model_hash, prompt_norm, embedding: the
+embeddings of prompts looked up), table `counters` (`hits`, `misses` of `--fragment auto`).
+"""
+
 REPORT = """\
 ## Report folder (`frag report`, default `reports/<model>/<timestamp>/`)
 
@@ -236,6 +244,7 @@ def _file(name: str, cls: type[BaseModel]) -> str:
 def render() -> str:
     """The whole of docs/FORMATS.md."""
     from fragcli.bench import BenchRecord
+    from fragcli.library import Entry, LibraryConfig
     from fragcli.manifest import Manifest
     from fragcli.outputs import OutputMarker
     from fragcli.profiling.recorder import BLOCK_TABLE, BLOCK_TYPES, HEAD_TABLE, HEAD_TYPES
@@ -268,6 +277,8 @@ def render() -> str:
               SWEEP, r.model(SweepRecord, _file("sweep.json", SweepRecord)),
               BENCH, r.model(BenchRecord, _file("bench.json", BenchRecord)),
               RUN, r.model(RunRecord, _file("run.json", RunRecord)),
+              LIBRARY, r.model(Entry, "a row of `fragments`: `Entry`"),
+              r.model(LibraryConfig, _file("config.yaml", LibraryConfig)),
               REPORT, r.model(ReportSummary, _file("metrics_summary.json", ReportSummary)),
               r.model(RegressionDiff, _file("regression_diff.json", RegressionDiff)),
               r.model(HeadImportance, _file("head_importance.json", HeadImportance))]

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fragcli.errors import FragError
 from fragcli.techniques.base import TechniqueSummary
+from fragcli.library import Lookup
 
 
 class Block(BaseModel):
@@ -275,6 +276,8 @@ class RunRecord(Record):
     params: int = Field(description="parameters of the pipeline's torch components")
     images: dict[str, str] = Field(description="seed -> image file name")
     versions: Versions
+    library: Lookup | None = Field(None, description="--fragment auto: the fragment library's decision (the "
+                                   "fragment chosen, its similarity, why the others were rejected)")
 
 
 # ------------------------------------------------------------------------------------------------- reading

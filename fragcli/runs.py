@@ -25,36 +25,72 @@ def _identity(folder: Path):
 
 
 def resolve_auto(spec: str, prompt: str) -> tuple[str, list]:
-    """``--fragment auto`` resolved before anything is written: (the fragment folder, or 'auto' when none matches,
-    and what it may load, as labelled inputs of the command). When the model's hash cannot be known without loading
-    the model, every folder under fragments/ counts as an input."""
+    """``--fragment auto`` resolved before anything is written: (the fragment folder, or 'auto' when no fragment was
+    built for this very prompt, and what it may load, as labelled inputs of the command). 'auto' is decided after
+    the model is loaded (``load_with_fragment``: the library's similarity lookup); every fragment it may pick (the
+    library's for this model, every folder under fragments/ when the model's hash cannot be known yet) is an input."""
+    from fragcli import library
     from fragcli.fragment import find_fragment
     from fragcli.models import peek_hash
     from fragcli.paths import fragments_dir
 
     model_hash = peek_hash(spec)
-    if model_hash is None:
+    if model_hash is not None:
+        match = find_fragment(model_hash, prompt)
+        if match is not None:
+            return str(match), [("the fragment that --fragment auto resolves to", match)]
+        found = [Path(e.folder) for e in library.entries(model_hash=model_hash)]
+    else:
         root = fragments_dir()
         found = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        return "auto", [("a fragment that --fragment auto may load", p) for p in found]
-    match = find_fragment(model_hash, prompt)
-    if match is None:
-        return "auto", []
-    return str(match), [("the fragment that --fragment auto resolves to", match)]
+        found += [Path(e.folder) for e in library.entries()]
+    return "auto", [("a fragment that --fragment auto may load", p) for p in found]
+
+
+def _from_library(spec: str, prompt: str, base, min_similarity: float | None, note):
+    """The library's decision for ``prompt`` (``fragcli.library.Lookup``); the finished fragments under fragments/
+    that the library does not know yet are registered on the way; ``note`` tells of entries dropped (their folder
+    moved, deleted or damaged: run.json lists them too)."""
+    from fragcli import library
+    from fragcli.fragment import find_fragment
+    from fragcli.models import peek_hash
+    from fragcli.thresholds import FRAGMENT_MIN_SIMILARITY
+
+    model_hash = peek_hash(spec) or base().hash
+    find_fragment(model_hash, prompt)  # puts back a fragment hidden by an interrupted swap (the library adopts it)
+    threshold = FRAGMENT_MIN_SIMILARITY if min_similarity is None else min_similarity
+    return library.lookup(model_hash, prompt, lambda text: library.prompt_embedding(base(), text), threshold,
+                          warn=note)
+
+
+def _note(message: str) -> None:
+    from fragcli.console import err
+
+    err.print(message)
+
+
+def no_match_hint(prompt: str) -> str:
+    return (f'build one: frag profile "{prompt}" && frag extract PROFILE_DIR (or pass --min-similarity lower, '
+            "or --fragment FOLDER)")
 
 
 def load_with_fragment(spec: str, fragment: str | None, prompt: str, device: str, dtype: str, strict: bool,
-                       on_fallback: Callable[[str], None] | None = None, evict_text_encoders: bool | None = None):
+                       on_fallback: Callable[[str], None] | None = None, evict_text_encoders: bool | None = None,
+                       min_similarity: float | None = None, decided: list | None = None):
     """Open ``fragment`` (a folder or 'auto') on ``spec``; returns (loaded, fragment_dir | None, reason | None).
+
+    'auto' asks the fragment library (``fragcli.library.lookup``): a fragment built for this prompt, else the one
+    whose prompt embedding is most similar, at ``min_similarity`` or above (default: thresholds.yaml's
+    ``fragment_min_similarity``); the decision is appended to ``decided`` (run.json's ``library``) and counted as
+    a hit or a miss. A chosen fragment refused as corrupt is dropped from the library.
 
     The fragment is opened with ``fragcli.loading.open_fragment``, which never loads what the fragment replaces; a
     refused fragment falls back to the full model (unless ``strict``: then the FragError propagates). A fragment
     that another process replaces, deletes or updates while it is being loaded (the folder changed between the
     start and the end of the load) is never used half-and-half: the load is tried once more, then refused.
     """
-    from fragcli import loading
-    from fragcli.fragment import find_fragment
-    from fragcli.models import load_model, peek_hash
+    from fragcli import library, loading
+    from fragcli.models import load_model
 
     full = []
 
@@ -69,15 +105,23 @@ def load_with_fragment(spec: str, fragment: str | None, prompt: str, device: str
     for _attempt in range(2):
         target = fragment
         if fragment == "auto":
-            found = find_fragment(peek_hash(spec) or base().hash, prompt)
-            if found is None:
-                reason = "no fragment under fragments/ matches this model and prompt"
+            decision = _from_library(spec, prompt, base, min_similarity, _note if on_fallback else None)
+            if decided is not None:
+                decided[:] = [decision]
+            if decision.chosen is None:
+                library.record(None)
+                best = max((c.similarity for c in decision.candidates if c.similarity is not None), default=None)
+                reason = ("no fragment in the library for this model" if not decision.candidates else
+                          f"no library fragment for this model is similar enough (best similarity "
+                          f"{'n/a' if best is None else f'{best:.4f}'} < {decision.min_similarity:g})")
                 if strict:
-                    raise FragError(f"--fragment auto: {reason}", "run frag extract for this prompt, or drop --strict")
+                    raise FragError(f"--fragment auto: {reason}", no_match_hint(prompt) + ", or drop --strict")
                 if on_fallback:
-                    on_fallback(f"{reason}; running the full model")
+                    on_fallback(f"{reason}; running the full model; to {no_match_hint(prompt)}")
                 return base(), None, reason
-            target = str(found)
+            target = decision.chosen
+            if full and target:
+                full.clear()  # the full model served the embeddings; the fragment loads its own pipeline
         before = _identity(Path(target))
         refusal, loaded = None, None
         try:
@@ -90,8 +134,16 @@ def load_with_fragment(spec: str, fragment: str | None, prompt: str, device: str
                                 "retry when no other process is writing it")
         changed = _identity(Path(target)) != before
         if refusal is None and not changed:
+            if fragment == "auto":
+                library.record(target)
             return loaded, Path(target).resolve(), None  # (a folder that cannot be listed cannot load either)
         del loaded
+        if fragment == "auto":
+            library.record(None)
+            if not changed:
+                library.drop(target)
+                if on_fallback:
+                    on_fallback(f"fragment library: dropped {target} ({refusal.one_line()})")
         if not changed:  # an ordinary refusal (stale, corrupt): not worth a second try
             if strict:
                 raise refusal
@@ -108,7 +160,8 @@ def load_with_fragment(spec: str, fragment: str | None, prompt: str, device: str
 
 def run_generation(spec: str, prompt: str, fragment: str | None, seeds: list[int], out: Path, *, steps=None,
                    guidance=None, negative_prompt="", width=None, height=None, batch_size=1, device="auto",
-                   dtype="auto", strict=False, show_progress=True, on_fallback=None, evict_text_encoders=None) -> dict:
+                   dtype="auto", strict=False, show_progress=True, on_fallback=None, evict_text_encoders=None,
+                   min_similarity=None) -> dict:
     """Generate ``seeds`` into ``out`` (PNGs + run.json, atomically); returns the run record (a ``RunRecord`` dump)."""
     from fragcli.console import progress
     from fragcli.generation import generate, resolve_settings
@@ -117,8 +170,9 @@ def run_generation(spec: str, prompt: str, fragment: str | None, seeds: list[int
     from fragcli.profiling.run import versions
     from fragcli.records import RunRecord
 
+    decided: list = []
     loaded, frag_dir, reason = load_with_fragment(spec, fragment, prompt, device, dtype, strict, on_fallback,
-                                                  evict_text_encoders)
+                                                  evict_text_encoders, min_similarity, decided)
     s = resolve_settings(loaded, prompt, steps, guidance, width, height, negative_prompt)
     with PeakMemory(loaded.device) as peak, progress("generating", len(seeds) * s.steps, show_progress) as adv:
         result = generate(loaded.pipe, s, seeds, loaded.device, batch_size, advance=adv)
@@ -128,6 +182,7 @@ def run_generation(spec: str, prompt: str, fragment: str | None, seeds: list[int
         per_image_s={str(k): v for k, v in result.seconds.items()}, total_s=result.total_s,
         images_per_min=result.images_per_min, memory={**peak.as_dict(), "weight_bytes": weight_bytes(loaded.pipe)},
         params=param_count(loaded.pipe), images={str(seed): f"seed-{seed}.png" for seed in seeds}, versions=versions(),
+        library=decided[0] if decided else None,
     ).dump()
     with staged_dir(out) as tmp:
         for seed, img in result.images.items():

@@ -49,6 +49,10 @@ GATE_SPECS: dict[str, GateSpec] = {
 }
 GATE_NAMES = tuple(GATE_SPECS)
 
+#: ``--fragment auto`` (fragment library, issue 14): the smallest cosine similarity between a prompt's text embedding
+#: and a library fragment's prompt embedding for that fragment to serve the prompt (``fragcli.library``).
+FRAGMENT_MIN_SIMILARITY = 0.9
+
 #: Per-image quality gates: gate name -> (key in a per-image metrics dict, sign applied before comparing).
 #: ``clip_delta_rel`` is negative when the fragment scores lower, so the measured *drop* is ``-clip_delta_rel``.
 IMAGE_GATES: dict[str, tuple[str, float]] = {
@@ -137,6 +141,8 @@ class Thresholds(_Strict):
     reuse_pass_rate_min: Gate = Field(default_factory=lambda: _default_gate("reuse_pass_rate_min"))
     break_even_max_variants: Gate = Field(default_factory=lambda: _default_gate("break_even_max_variants"))
     head_prunable_min: Gate = Field(default_factory=lambda: _default_gate("head_prunable_min"))
+    fragment_min_similarity: float = Field(FRAGMENT_MIN_SIMILARITY, ge=-1.0, le=1.0,
+                                           description="--fragment auto: smallest prompt-embedding cosine similarity")
     regression: Regression = Field(default_factory=Regression)
     gate_hypotheses: list[HypothesisId] = Field(default_factory=list)
 
@@ -203,7 +209,8 @@ def _describe(err: dict[str, Any], path: Path) -> FragError:
     kind = err.get("type", "")
     where = f"{path.name}: "
     if kind == "extra_forbidden":
-        known = ", ".join([*GATE_NAMES, "regression", "gate_hypotheses", "schema_version"])
+        known = ", ".join([*GATE_NAMES, "fragment_min_similarity", "regression", "gate_hypotheses",
+                           "schema_version"])
         if loc.startswith("regression."):
             known = ", ".join(Regression.model_fields)
         elif "." in loc:

@@ -108,6 +108,11 @@ def _register() -> None:
 
     for name, func in commands.COMMANDS.items():
         app.command(name)(_with_process_setup(func))
+    from fragcli.cli import cache
+
+    for info in cache.app.registered_commands:
+        info.callback = _with_process_setup(info.callback)
+    app.add_typer(cache.app, name="cache")
 
 
 _register()
