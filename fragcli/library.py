@@ -113,6 +113,12 @@ def connect(path: Path | None = None) -> Iterator[sqlite3.Connection]:
             time.sleep(0.05)
         con.executescript(_SCHEMA)
         yield con
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise FragError(f"the fragment library {path} stayed locked by another frag process for "
+                            f"{BUSY_MS // 1000} s", "retry when the other frag commands are done") from None
+        raise FragError(f"the fragment library {path} is unusable ({exc})",
+                        f"delete {path} and run frag cache verify to rebuild it") from None
     except sqlite3.DatabaseError as exc:
         raise FragError(f"the fragment library {path} is unusable ({exc})",
                         f"delete {path} and run frag cache verify to rebuild it") from None
