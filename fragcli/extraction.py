@@ -149,7 +149,7 @@ def extract(profile_dir: Path, options: dict[str, Any], *, out: Path | None = No
         extra = lambda tmp: write_recipe(recipe, tmp)  # noqa: E731
     manifest = build_fragment(loaded, ctx, plans, target, frag_name, costs,
                               context_sha256=sha256_file(profile.folder / "context.json"), extra=extra)
-    from fragcli.library import register_extracted
+    from fragcli.library_disk import register_extracted
 
     register_extracted(target, loaded, ctx["prompt"])  # the fragment library (issue 14): found by --fragment auto
     return ExtractResult(target, manifest, plans, recipe=recipe)

@@ -244,7 +244,8 @@ def _file(name: str, cls: type[BaseModel]) -> str:
 def render() -> str:
     """The whole of docs/FORMATS.md."""
     from fragcli.bench import BenchRecord
-    from fragcli.library import Entry, LibraryConfig
+    from fragcli.library import Entry
+    from fragcli.library_disk import LibraryConfig
     from fragcli.manifest import Manifest
     from fragcli.outputs import OutputMarker
     from fragcli.profiling.recorder import BLOCK_TABLE, BLOCK_TYPES, HEAD_TABLE, HEAD_TYPES

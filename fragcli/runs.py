@@ -53,13 +53,14 @@ def _from_library(spec: str, prompt: str, base, min_similarity: float | None, no
     moved, deleted or damaged: run.json lists them too)."""
     from fragcli import library
     from fragcli.fragment import find_fragment
+    from fragcli.library_disk import prompt_embedding
     from fragcli.models import peek_hash
     from fragcli.thresholds import FRAGMENT_MIN_SIMILARITY
 
     model_hash = peek_hash(spec) or base().hash
     find_fragment(model_hash, prompt)  # puts back a fragment hidden by an interrupted swap (the library adopts it)
     threshold = FRAGMENT_MIN_SIMILARITY if min_similarity is None else min_similarity
-    return library.lookup(model_hash, prompt, lambda text: library.prompt_embedding(base(), text), threshold,
+    return library.lookup(model_hash, prompt, lambda text: prompt_embedding(base(), text), threshold,
                           warn=note)
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 
 import numpy as np
 import pytest
 
-from fragcli import library
+from fragcli import library, library_disk
 from fragcli.errors import FragError
 from tests.helpers import assert_one_line_error, run_cli
 
@@ -159,9 +158,9 @@ def test_cache_commands_list_show_verify_rm_prune(built, frag_home):
 
 @pytest.mark.parametrize("text,expect", [("500MiB", 500 * 2**20), ("2GB", 2 * 10**9), ("1.5K", 1500), ("12", 12)])
 def test_parse_size(text, expect):
-    assert library.parse_size(text) == expect
+    assert library_disk.parse_size(text) == expect
 
 
 def test_parse_size_refuses_nonsense():
     with pytest.raises(FragError, match="not a size"):
-        library.parse_size("-3MB")
+        library_disk.parse_size("-3MB")

@@ -22,7 +22,7 @@ def _fake_fragment(template: Path, folder: Path) -> None:
 
 def _worker(role: str, index: int, template: str, seconds: float, queue, start=None) -> None:
     import fragcli.fragment  # noqa: F401 - the slow imports (torch) before the clock starts
-    from fragcli import library
+    from fragcli import library, library_disk
     from fragcli.errors import FragError
     from fragcli.paths import fragments_dir
 
@@ -37,9 +37,9 @@ def _worker(role: str, index: int, template: str, seconds: float, queue, start=N
         while time.monotonic() < deadline:
             i += 1
             if role == "prune":
-                got = library.prune(2 * 300_000)
+                got = library_disk.prune(2 * 300_000)
                 counts["pruned"] += len(got["removed"])
-                library.scan(full=False)
+                library_disk.scan(full=False)
                 time.sleep(0.05)
                 continue
             folder = fragments_dir() / f"w{index}-{i}"
@@ -64,7 +64,6 @@ def _worker(role: str, index: int, template: str, seconds: float, queue, start=N
 
 
 def test_three_writers_and_a_pruner_on_one_index(frag_home, tmp_path):
-    from tests.test_library import PROMPT  # noqa: F401 - same world as the other library tests
 
     template = _template(tmp_path)
     (frag_home / "fragments").mkdir()
@@ -85,13 +84,13 @@ def test_three_writers_and_a_pruner_on_one_index(frag_home, tmp_path):
     assert all(s["lookups"] >= 3 for s in writers), stats
     assert stats[("prune", 9)]["pruned"] > 0, stats
 
-    from fragcli import library
+    from fragcli import library, library_disk
 
     with sqlite3.connect(frag_home / ".frag" / library.DB_NAME) as con:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     c = library.counters()
     assert c["hits"] + c["misses"] == sum(s["records"] for s in writers)
-    library.scan(full=True)
+    library_disk.scan(full=True)
     for e in library.entries():  # the index agrees with the disk: every entry a whole, valid fragment
         assert library.problem(e, full=True) is None
     assert not list((frag_home / "fragments").glob(".*.rm-*"))  # no half-deleted folder left behind

@@ -80,10 +80,10 @@ def rm(refs: Annotated[list[str], typer.Argument(help="Fragment names or folders
 
     Example: frag cache rm tiny-a-red-circle-h60
     """
-    from fragcli import library
+    from fragcli import library_disk as disk
     from fragcli.console import print_json
 
-    removed = [library.remove(ref).folder for ref in refs]
+    removed = [disk.remove(ref).folder for ref in refs]
     if json_out:
         print_json({"removed": removed})
         return
@@ -103,15 +103,15 @@ def prune(
 
     Example: frag cache prune --max-size 500MiB
     """
-    from fragcli import library
+    from fragcli import library_disk as disk
     from fragcli.console import print_json, warn
     from fragcli.errors import FragError
 
-    cap = max_size if max_size is not None else library.load_config().max_size
+    cap = max_size if max_size is not None else disk.load_config().max_size
     if cap is None:
         raise FragError("no size cap: --max-size is not given and config.yaml sets no max_size",
-                        f"pass --max-size 500MiB, or write 'max_size: 500MiB' into {library.config_path()}")
-    result = library.prune(library.parse_size(cap), warn=warn, dry_run=dry_run)
+                        f"pass --max-size 500MiB, or write 'max_size: 500MiB' into {disk.config_path()}")
+    result = disk.prune(disk.parse_size(cap), warn=warn, dry_run=dry_run)
     if json_out:
         print_json(result)
         return
@@ -130,10 +130,10 @@ def verify(
 
     Example: frag cache verify --json
     """
-    from fragcli import library
+    from fragcli import library_disk as disk
     from fragcli.console import print_json, warn
 
-    result = library.scan(full=not quick, warn=warn)
+    result = disk.scan(full=not quick, warn=warn)
     if json_out:
         print_json(result)
         return
