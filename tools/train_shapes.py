@@ -201,6 +201,17 @@ def maybe_interrupt(args, name: str, steps_done: int) -> None:
         raise SimulatedKill(args.interrupt_after)
 
 
+def resume(ck: Checkpoint, name: str, modules: dict, **rngs) -> tuple[int, list, float, float, dict]:
+    """Restore a stage from its checkpoint: (first step, losses, wall and CPU seconds so far, the rest of its extra)."""
+    state = ck.load()
+    if state is None:
+        return 0, [], 0.0, 0.0, {}
+    Checkpoint.restore(state, modules, **rngs)
+    extra = state["extra"]
+    log(f"{name}: resumed at step {state['step']}")
+    return state["step"], extra["losses"], extra["seconds"], extra["cpu_seconds"], extra
+
+
 def loop_checkpoint(args, name: str, steps_done: int, total: int) -> bool:
     return steps_done % args.ckpt_every == 0 and steps_done < total
 
@@ -260,15 +271,9 @@ def stage_text(args) -> None:
                             weight_decay=0.05)
     mean = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
     r = random.Random(args.seed + 11)
-    losses, t0, start, before, cpu_before = [], time.time(), 0, 0.0, 0.0
-    ck = stage_checkpoint("text", args)
+    t0, ck = time.time(), stage_checkpoint("text", args)
     modules = {"model": model, "attr_head": attr_head, "opt": opt}
-    state = ck.load()
-    if state is not None:
-        Checkpoint.restore(state, modules, pyrngs={"r": r})
-        start, losses = state["step"], state["extra"]["losses"]
-        before, cpu_before = state["extra"]["seconds"], state["extra"]["cpu_seconds"]
-        log(f"text: resumed at step {start}")
+    start, losses, before, cpu_before, _ = resume(ck, "text", modules, pyrngs={"r": r})
     with progress() as prog:
         task = prog.add_task("text CLIP", total=args.text_steps, completed=start, info="")
         for step in range(start, args.text_steps):
@@ -342,15 +347,9 @@ def stage_vae(args) -> None:
     vae = AutoencoderKL(**VAE_CFG).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 21)
-    losses, t0, start, before, cpu_before = [], time.time(), 0, 0.0, 0.0
-    ck = stage_checkpoint("vae", args)
+    t0, ck = time.time(), stage_checkpoint("vae", args)
     modules = {"vae": vae, "opt": opt}
-    state = ck.load()
-    if state is not None:
-        Checkpoint.restore(state, modules, generators={"g": g})
-        start, losses = state["step"], state["extra"]["losses"]
-        before, cpu_before = state["extra"]["seconds"], state["extra"]["cpu_seconds"]
-        log(f"vae: resumed at step {start}")
+    start, losses, before, cpu_before, _ = resume(ck, "vae", modules, generators={"g": g})
     with progress() as prog:
         task = prog.add_task("VAE", total=args.vae_steps, completed=start, info="")
         for step in range(start, args.vae_steps):
@@ -542,15 +541,10 @@ def stage_unet(args) -> None:
                             lr=args.unet_lr, weight_decay=0.01)
     r = random.Random(args.seed + 31)
     g = torch.Generator().manual_seed(args.seed + 32)
-    start, losses, elapsed_before, curve, cpu_before = 0, [], 0.0, [], 0.0
     ck = stage_checkpoint("unet", args)
     modules = {"unet": unet, "ema": ema, "te": te, "te_ema": te_ema, "opt": opt}
-    state = ck.load()
-    if state is not None:
-        Checkpoint.restore(state, modules, generators={"g": g}, pyrngs={"r": r})
-        start, losses, curve = state["step"], state["extra"]["losses"], state["extra"]["curve"]
-        elapsed_before, cpu_before = state["extra"]["seconds"], state["extra"]["cpu_seconds"]
-        log(f"resumed UNet training at step {start}")
+    start, losses, elapsed_before, cpu_before, extra = resume(ck, "unet", modules, generators={"g": g}, pyrngs={"r": r})
+    curve = extra.get("curve", [])
     vae = AutoencoderKL.from_pretrained(WORK / "vae").eval()
     pairs = ((ema, unet), (te_ema, te)) if joint else ((ema, unet),)
 
