@@ -39,6 +39,9 @@ def resolve_auto(spec: str, prompt: str) -> tuple[str, list]:
         match = find_fragment(model_hash, prompt)
         if match is not None:
             return str(match), [("the fragment that --fragment auto resolves to", match)]
+        from fragcli.library_disk import adopt
+
+        adopt(model_hash)  # what is under fragments/ and not indexed yet may be chosen too
         found = [Path(e.folder) for e in library.entries(model_hash=model_hash)]
     else:
         root = fragments_dir()

@@ -164,3 +164,10 @@ def test_parse_size(text, expect):
 def test_parse_size_refuses_nonsense():
     with pytest.raises(FragError, match="not a size"):
         library_disk.parse_size("-3MB")
+
+
+def test_generate_auto_never_writes_into_a_fragment_it_may_choose(built, frag_home):
+    frag = _copy(built, frag_home)  # not indexed yet: a paraphrase may still pick it, so it is an input
+    r = run_cli("generate", PARAPHRASE, *TINY, "--fragment", "auto", "--out", frag, "--overwrite")
+    assert_one_line_error(r, "fragment")
+    assert (frag / "manifest.json").is_file() and not list(frag.glob("seed-*.png"))
