@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +35,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fragments (
   folder TEXT PRIMARY KEY, name TEXT NOT NULL, model_hash TEXT NOT NULL, model_name TEXT NOT NULL,
   prompt TEXT NOT NULL, prompt_norm TEXT NOT NULL, embedding BLOB, techniques TEXT NOT NULL, recipe TEXT,
-  size_bytes INTEGER NOT NULL, manifest_sha256 TEXT NOT NULL, quality TEXT, performance TEXT,
+  size_bytes INTEGER NOT NULL, manifest_sha256 TEXT NOT NULL, quality TEXT, performance TEXT, reuse TEXT,
   created TEXT NOT NULL, registered TEXT NOT NULL, last_used TEXT, use_count INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS fragments_model ON fragments (model_hash);
 CREATE TABLE IF NOT EXISTS prompts (
@@ -65,6 +63,8 @@ class Entry(BaseModel):
                                  "another fragment now sits in the folder")
     quality: dict[str, Any] | None = None
     performance: dict[str, Any] | None = None
+    reuse: dict[str, Any] | None = Field(None, description="the manifest's reuse block (frag validate's paraphrase "
+                                         "pass rate): a fragment that failed on paraphrases serves only its prompt")
     created: str
     registered: str
     last_used: str | None = None
@@ -110,6 +110,9 @@ def connect(path: Path | None = None) -> Iterator[sqlite3.Connection]:
                 pass
             time.sleep(0.05)
         con.executescript(_SCHEMA)
+        if "reuse" not in {row[1] for row in con.execute("PRAGMA table_info(fragments)")}:
+            with contextlib.suppress(sqlite3.OperationalError):  # an index of this morning's frag; another may race
+                con.execute("ALTER TABLE fragments ADD COLUMN reuse TEXT")
         yield con
     except sqlite3.OperationalError as exc:
         if "locked" in str(exc) or "busy" in str(exc):
@@ -148,13 +151,13 @@ def _vec(blob: bytes | None) -> list[float] | None:
 
 
 _COLS = ("name", "folder", "model_hash", "model_name", "prompt", "embedding", "techniques", "recipe", "size_bytes",
-         "manifest_sha256", "quality", "performance", "created", "registered", "last_used", "use_count")
+         "manifest_sha256", "quality", "performance", "reuse", "created", "registered", "last_used", "use_count")
 
 
 def _entry(row: tuple) -> Entry:
     d = dict(zip(_COLS, row, strict=True))
     d["embedding"] = _vec(d["embedding"])
-    for key in ("techniques", "quality", "performance"):
+    for key in ("techniques", "quality", "performance", "reuse"):
         d[key] = json.loads(d[key]) if d[key] else None
     return Entry(**d)
 
@@ -162,15 +165,6 @@ def _entry(row: tuple) -> Entry:
 def _select(con, where: str = "", args: tuple = ()) -> list[Entry]:
     rows = con.execute(f"SELECT {', '.join(_COLS)} FROM fragments {where}", args).fetchall()
     return [_entry(r) for r in rows]
-
-
-def folder_size(folder: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(folder):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-    return total
 
 
 def identity(manifest) -> str:
@@ -183,6 +177,7 @@ def identity(manifest) -> str:
 
 def register(folder: Path, embedding=None, *, db: Path | None = None) -> Entry:
     """Add (or refresh) the finished fragment ``folder``; ``embedding``: its prompt's (None: computed later)."""
+    from fragcli import library_disk as disk
     from fragcli.manifest import read_manifest
 
     folder = Path(folder).resolve()
@@ -195,9 +190,9 @@ def register(folder: Path, embedding=None, *, db: Path | None = None) -> Entry:
     values = dict(
         folder=str(folder), name=m.name, model_hash=m.base_model.hash, model_name=m.base_model.name,
         prompt=m.profiling.prompt, prompt_norm=normal(m.profiling.prompt), embedding=_blob(embedding),
-        techniques=json.dumps([t.name for t in m.techniques]), recipe=recipe, size_bytes=folder_size(folder),
-        manifest_sha256=identity(m), quality=dump(getattr(m, "quality", None)),
-        performance=dump(getattr(m, "performance", None)), created=m.created, registered=now(),
+        techniques=json.dumps([t.name for t in m.techniques]), recipe=recipe, size_bytes=disk.folder_size(folder),
+        manifest_sha256=identity(m), quality=dump(m.quality), performance=dump(m.performance), reuse=dump(m.reuse),
+        created=m.created, registered=now(),
     )
     with connect(db) as con, _write(con):
         old = con.execute("SELECT embedding, manifest_sha256, last_used, use_count FROM fragments WHERE folder=?",
@@ -286,16 +281,6 @@ def record(folder: str | None, *, db: Path | None = None) -> None:
         con.execute("UPDATE fragments SET last_used=?, use_count=use_count+1 WHERE folder=?", (now(), str(folder)))
 
 
-def cosine(a, b) -> float:
-    import numpy as np
-
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.shape != b.shape:
-        return -1.0
-    n = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(a @ b / n) if n > 0 and math.isfinite(n) else -1.0
-
-
 class Candidate(BaseModel):
     """One fragment of the library for this model, as the lookup saw it."""
 
@@ -317,6 +302,17 @@ class Lookup(BaseModel):
     dropped: list[str] = Field(default_factory=list, description="entries dropped from the index: folder, why")
 
 
+def _fresh(e: Entry, db) -> Entry:
+    """``e`` with the reuse block its manifest holds now (frag validate writes it after the fragment is registered)."""
+    from fragcli.manifest import read_manifest
+
+    with contextlib.suppress(FragError, OSError):
+        reuse = read_manifest(Path(e.folder)).reuse
+        if (reuse.model_dump(mode="json") if reuse else None) != e.reuse:
+            return register(Path(e.folder), db=db)
+    return e
+
+
 def cached_embedding(model_hash: str, prompt: str, *, db: Path | None = None) -> list[float] | None:
     with connect(db) as con:
         row = con.execute("SELECT embedding FROM prompts WHERE model_hash=? AND prompt_norm=?",
@@ -330,15 +326,17 @@ def _store_embedding(con, model_hash: str, prompt: str, vec) -> None:
 
 
 def lookup(model_hash: str, prompt: str, embed: Callable[[str], Any] | None, min_similarity: float, *,
-           db: Path | None = None, warn: Callable[[str], None] | None = None, exclude=()) -> Lookup:
+           db: Path | None = None, warn: Callable[[str], None] | None = None, exclude=(),
+           min_reuse: float | None = None) -> Lookup:
     """The library's best fragment for ``prompt`` on ``model_hash``: an exact prompt match first, else the most
     similar prompt (cosine of embeddings) at or above ``min_similarity``. ``embed(text)`` gives a prompt's
     embedding (None: only exact matches and cached embeddings count). Entries whose folder is gone or changed
-    are dropped from the index (``warn`` tells) and never chosen; ``exclude``: folders refused already."""
+    are dropped from the index (``warn`` tells) and never chosen; ``exclude``: folders refused already. A fragment
+    whose recorded paraphrase pass rate (``frag validate``) is below ``min_reuse`` serves only its own prompt."""
     out = Lookup(prompt=prompt, min_similarity=min_similarity)
-    from fragcli.library_disk import adopt
+    from fragcli import library_disk as disk
 
-    adopt(model_hash, db=db)
+    disk.adopt(model_hash, db=db)
     found = [e for e in entries(db=db, model_hash=model_hash) if e.folder not in set(map(str, exclude))]
     alive = []
     for e in found:
@@ -348,7 +346,7 @@ def lookup(model_hash: str, prompt: str, embed: Callable[[str], Any] | None, min
                 e = register(Path(e.folder), db=db)
                 why = problem(e) if e.model_hash == model_hash else "now built for another model"
         if why is None:
-            alive.append(e)
+            alive.append(_fresh(e, db))
             continue
         drop(e.folder, db=db)
         out.dropped.append(f"{e.folder}: {why}")
@@ -373,12 +371,16 @@ def lookup(model_hash: str, prompt: str, embed: Callable[[str], Any] | None, min
                 vec = embed(e.prompt)
                 with connect(db) as con, _write(con):
                     con.execute("UPDATE fragments SET embedding=? WHERE folder=?", (_blob(vec), e.folder))
-            sim = cosine(query, vec) if query is not None and vec is not None else None
+            sim = disk.cosine(query, vec) if query is not None and vec is not None else None
         scored.append((e, sim))
     scored.sort(key=lambda p: (p[1] is not None, p[1] or 0.0, p[0].created), reverse=True)
     for e, sim in scored:
         cand = Candidate(name=e.name, folder=e.folder, similarity=None if sim is None else round(sim, 6))
-        if out.chosen is None and sim is not None and (e in exact or sim >= min_similarity):
+        rate = (e.reuse or {}).get("paraphrase_pass_rate")
+        if e not in exact and sim is not None and min_reuse is not None and rate is not None and rate < min_reuse:
+            cand.rejected = (f"similarity {sim:.4f}, but only {rate:.0%} of its paraphrases passed frag validate "
+                             f"(< {min_reuse:.0%}): it serves its own prompt only")
+        elif out.chosen is None and sim is not None and (e in exact or sim >= min_similarity):
             out.chosen, out.similarity, out.exact = e.folder, cand.similarity, e in exact
         elif sim is None:
             cand.rejected = "built for another prompt" if exact else "no embedding of its prompt (model not loaded)"

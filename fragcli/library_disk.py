@@ -5,6 +5,7 @@ hook, the size cap (``config.yaml``) with LRU eviction, and deletion by frag's o
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -16,6 +17,25 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fragcli.errors import FragError
 from fragcli.library import REPLACED, Entry, drop, entries, get, problem, register
+
+
+def folder_size(folder: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def cosine(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        return -1.0
+    n = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / n) if n > 0 and math.isfinite(n) else -1.0
 
 
 def adopt(model_hash: str | None = None, *, db: Path | None = None, full: bool = False) -> list[str]:

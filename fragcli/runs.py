@@ -58,13 +58,13 @@ def _from_library(spec: str, prompt: str, base, min_similarity: float | None, no
     from fragcli.fragment import find_fragment
     from fragcli.library_disk import prompt_embedding
     from fragcli.models import peek_hash
-    from fragcli.thresholds import FRAGMENT_MIN_SIMILARITY
+    from fragcli.thresholds import FRAGMENT_MIN_SIMILARITY, default_thresholds
 
     model_hash = peek_hash(spec) or base().hash
     find_fragment(model_hash, prompt)  # puts back a fragment hidden by an interrupted swap (the library adopts it)
     threshold = FRAGMENT_MIN_SIMILARITY if min_similarity is None else min_similarity
     return library.lookup(model_hash, prompt, lambda text: prompt_embedding(base(), text), threshold,
-                          warn=note)
+                          warn=note, min_reuse=default_thresholds().reuse_pass_rate_min.value)
 
 
 def _note(message: str) -> None:

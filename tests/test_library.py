@@ -171,3 +171,18 @@ def test_generate_auto_never_writes_into_a_fragment_it_may_choose(built, frag_ho
     r = run_cli("generate", PARAPHRASE, *TINY, "--fragment", "auto", "--out", frag, "--overwrite")
     assert_one_line_error(r, "fragment")
     assert (frag / "manifest.json").is_file() and not list(frag.glob("seed-*.png"))
+
+
+def test_a_fragment_that_failed_on_paraphrases_serves_only_its_own_prompt(built, frag_home):
+    from fragcli.manifest import Reuse, update_manifest
+
+    frag = _copy(built, frag_home)
+    vec = np.asarray(built[2][0].embedding)
+    library.register(frag, vec)
+    h = library.get(str(frag)).model_hash
+    near = library.lookup(h, PARAPHRASE, lambda t: vec + 0.01, 0.5, min_reuse=0.8)
+    assert near.chosen == str(frag.resolve())  # no reuse record yet: similarity decides
+    update_manifest(frag, reuse=Reuse(paraphrase_pass_rate=0.5, paraphrases_tested=4, paraphrases_passed=2))
+    near = library.lookup(h, PARAPHRASE, lambda t: vec + 0.01, 0.5, min_reuse=0.8)
+    assert near.chosen is None and "50% of its paraphrases passed" in near.candidates[0].rejected
+    assert library.lookup(h, PROMPT, None, 0.5, min_reuse=0.8).chosen == str(frag.resolve())  # its own prompt: yes
