@@ -18,8 +18,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fragcli.errors import FragError
-from fragcli.techniques.base import TechniqueSummary
 from fragcli.library import Lookup
+from fragcli.techniques.base import TechniqueSummary
 
 
 class Block(BaseModel):
