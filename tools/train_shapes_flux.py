@@ -675,6 +675,8 @@ def stage_assemble(run: Run) -> dict:
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    for f in tmp.rglob("*.safetensors"):
+        os.chmod(f, 0o644)  # transformers writes 0600; the package ships them to every user
     for name in ("frag.json", "training_report.json"):
         if (dest / name).is_file():
             shutil.copy2(dest / name, tmp / name)
