@@ -66,7 +66,7 @@ baseline: setup
 
 test: setup
 	$(MAKE) --no-print-directory gate
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # The shapes v2 recipe, fresh and reproducible: one process, 2 torch threads, fixed steps and seeds (about 100 min
 # on 2 cores). Writes tools/out/shapes/pipeline and its training_report.json; the shipped model is replaced only by
