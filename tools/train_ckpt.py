@@ -102,7 +102,8 @@ class Checkpoint:
         return meta
 
     @staticmethod
-    def restore(state: dict, modules: dict, *, generators: dict | None = None, pyrngs: dict | None = None) -> None:
+    def restore(state: dict, modules: dict, *, generators: dict | None = None, pyrngs: dict | None = None,
+                global_rngs: bool = True) -> None:
         tensors = state["tensors"]
         for name, obj in modules.items():
             if isinstance(obj, torch.optim.Optimizer):
@@ -112,7 +113,23 @@ class Checkpoint:
                 obj.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}, strict=True)
         for name, g in (generators or {}).items():
             g.set_state(tensors[f"rng{SEP}{name}"])
-        torch.set_rng_state(tensors[f"rng{SEP}torch_global"])
         for name, r in (pyrngs or {}).items():
             r.setstate(_pyrng_from_json(state["pyrngs"][name]))
-        random.setstate(_pyrng_from_json(state["global_random"]))
+        if global_rngs:
+            torch.set_rng_state(tensors[f"rng{SEP}torch_global"])
+            random.setstate(_pyrng_from_json(state["global_random"]))
+
+
+def save_tensors(path: Path, tensors: dict, meta: dict | None = None) -> None:
+    """Tensors (and a JSON blob) to safetensors, atomically: a cache file a stage hands to the next."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta or {})})
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
+    return load_file(str(path)), meta

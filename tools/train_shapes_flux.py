@@ -75,6 +75,7 @@ from rich.progress import (  # noqa: E402
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from train_ckpt import Checkpoint, load_tensors, save_tensors  # noqa: E402
 
 from fragcli.shapes import world  # noqa: E402
 
@@ -123,12 +124,6 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) 
         return peak * (step + 1) / warmup
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -370,7 +365,7 @@ def stage_latents(run: Run) -> dict:
             prog.update(task, completed=i + len(chunk))
     lat, masks = torch.cat(lat), torch.cat(masks)
     mean, std = float(lat.float().mean()), float(lat.float().std())
-    atomic_torch_save({"latents": lat, "masks": masks}, run.work / "latents.pt")
+    save_tensors(run.work / "latents.safetensors", {"latents": lat, "masks": masks})
     log(f"latents: {tuple(lat.shape)}, mean {mean:.4f} std {std:.4f}; object share {float(masks.float().mean()):.3f}")
     return {"n": len(scenes), "shift_factor": mean, "scaling_factor": 1.0 / std, "latent_std": std,
             "object_share": float(masks.float().mean())}
@@ -399,9 +394,9 @@ def stage_captions(run: Run) -> dict:
             pads.append(st[:, lcap:].mean(1).half())
             n_real.append(n)
             prog.update(task, completed=i + len(p))
-    atomic_torch_save({"scene": torch.tensor(idx), "texts": texts, "pooled": torch.cat(pooled),
-                       "states": torch.cat(states), "pad": torch.cat(pads), "n_real": torch.cat(n_real)},
-                      run.work / "captions.pt")
+    save_tensors(run.work / "captions.safetensors",
+                 {"scene": torch.tensor(idx), "pooled": torch.cat(pooled), "states": torch.cat(states),
+                  "pad": torch.cat(pads), "n_real": torch.cat(n_real)}, {"texts": texts})
     log(f"captions: {len(texts)} encoded, up to {lcap} T5 tokens")
     return {"pool": len(texts), "max_tokens": lcap, "mean_tokens": float(np.mean(n_tok))}
 
@@ -520,7 +515,7 @@ def train_transformer(run: Run, hi: bool) -> dict:
     args = run.args
     seed_all(args.seed + (4 if hi else 3))
     info = run.read_stage("latents")
-    data = torch.load(run.work / "latents.pt", weights_only=True)
+    data, _ = load_tensors(run.work / "latents.safetensors")
     if info is None or len(data["latents"]) != used_scenes(args):
         raise SystemExit("the latent cache does not match --n-images; rerun --stage latents")
     x0_all = pack((data["latents"].float() - info["shift_factor"]) * info["scaling_factor"])
@@ -529,7 +524,8 @@ def train_transformer(run: Run, hi: bool) -> dict:
     w_all = pack(w.expand(-1, 4, -1, -1).contiguous())
     del data, w
     text = TextCond(run)
-    pool = torch.load(run.work / "captions.pt", weights_only=False)
+    pool, pool_meta = load_tensors(run.work / "captions.safetensors")
+    pool["texts"] = pool_meta["texts"]
     if len(pool["texts"]) != args.pool:
         raise SystemExit("the caption pool does not match --pool; rerun --stage captions")
     torch.manual_seed(args.seed + 30)
@@ -545,37 +541,34 @@ def train_transformer(run: Run, hi: bool) -> dict:
     start, losses, curve, cpu_before = 0, [], [], 0.0
     total, peak, warmup, ema_decay = ((args.hi_steps, args.hi_lr, 20, args.hi_ema) if hi
                                       else (args.steps, args.lr, 100, args.ema))
-    ckpt = run.work / ("transformer_hi_ckpt.pt" if hi else "transformer_ckpt.pt")
-    key = run.key(*transformer_key_names(run.args, hi))
-    if hi and not ckpt.is_file():  # start from the main stage's end state
-        main = torch.load(run.work / "transformer_ckpt.pt", weights_only=False)
-        if main["key"] != run.key(*transformer_key_names(run.args, False)) or main["step"] != args.steps:
+    ckpt = Checkpoint(run.work / ("transformer_hi_ckpt.safetensors" if hi else "transformer_ckpt.safetensors"),
+                      run.key(*transformer_key_names(run.args, hi)))
+    modules = {"model": model, "ema": ema, "opt": opt}
+    if hi and not ckpt.path.is_file():  # start from the main stage's end state (weights and optimizer only)
+        try:
+            main = Checkpoint(run.work / "transformer_ckpt.safetensors",
+                              run.key(*transformer_key_names(run.args, False))).load()
+        except SystemExit:
+            main = None
+        if main is None or main["step"] != args.steps:
             raise SystemExit("run --stage transformer (to its last step, with these settings) first")
-        model.load_state_dict(main["model"])
-        ema.load_state_dict(main["ema"])
-        opt.load_state_dict(main["opt"])
+        Checkpoint.restore(main, modules, global_rngs=False)
         del main
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)  # our own local checkpoint (optimizer and RNG states)
-        if state["key"] != key:
-            raise SystemExit(f"{ckpt} was written with other settings; pass --fresh to start over")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start, losses, curve, cpu_before = state["step"], state["losses"], state["curve"], state["cpu"]
-        r.setstate(state["py_rng"])
-        g.set_state(state["gen_rng"])
-        np.random.set_state(state["np_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["global_py_rng"])
+    state = ckpt.load()  # None, or our own checkpoint (safetensors: weights, optimizer, RNG states; no pickle)
+    if state is not None:
+        Checkpoint.restore(state, modules, generators={"g": g}, pyrngs={"r": r})
+        extra = state["extra"]
+        start, losses, curve, cpu_before = state["step"], extra["losses"], extra["curve"], extra["cpu"]
+        npr = extra["np_rng"]
+        np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), npr[2], npr[3], npr[4]))
         log(f"resumed {'transformer_hi' if hi else 'the transformer'} at step {start} ({cpu_before / 60:.1f} CPU-min before)")
     c0 = time.process_time()
 
     def save_ckpt(step: int) -> None:
-        atomic_torch_save({"key": key, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                           "step": step, "losses": losses, "curve": curve, "cpu": cpu_before + time.process_time() - c0,
-                           "py_rng": r.getstate(), "gen_rng": g.get_state(), "np_rng": np.random.get_state(),
-                           "torch_rng": torch.get_rng_state(), "global_py_rng": random.getstate()}, ckpt)
+        npr = np.random.get_state()
+        ckpt.save(step, modules, generators={"g": g}, pyrngs={"r": r},
+                  extra={"losses": losses, "curve": curve, "cpu": cpu_before + time.process_time() - c0,
+                         "np_rng": [npr[0], npr[1].tolist(), int(npr[2]), int(npr[3]), float(npr[4])]})
 
     guide_from = 0 if hi else int(args.guide_start * args.steps)
     name = "transformer_hi" if hi else "transformer"
@@ -833,7 +826,7 @@ def main(argv=None) -> int:
             p.error(f"unknown stage {n!r}")
     run = Run(args)
     if args.fresh and run.work.is_dir():
-        for f in list(run.work.glob("stage-*.json")) + [run.work / "transformer_ckpt.pt"]:
+        for f in list(run.work.glob("stage-*.json")) + [run.work / "transformer_ckpt.safetensors"]:
             f.unlink(missing_ok=True)
     run.work.mkdir(parents=True, exist_ok=True)
     log(f"stages {names}; seed {args.seed}; threads {args.threads}; out {run.work}")
